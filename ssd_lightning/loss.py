@@ -1,0 +1,101 @@
+"""MultiBoxLoss: Smooth L1 localisation + softmax confidence with 3:1 hard negative mining.
+
+Hard negative mining is written here since no library provides SSD's per-image ranking; it is a pair of
+sorts over the whole batch, with masks instead of boolean indexing so the loss has static shapes and never
+synchronises with the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssd_lightning.boxes import (
+    DEFAULT_VARIANCES,
+    Variances,
+    cxcywh_to_xyxy,
+    encode,
+    match_priors,
+    pad_targets,
+)
+
+
+def hard_negative_mask(
+    background_loss: Tensor, positives: Tensor, neg_pos_ratio: float, min_negatives: int
+) -> Tensor:
+    """Per image, the `neg_pos_ratio * num_positives` (at least `min_negatives`) negatives of highest loss.
+
+    background_loss: [B, P] cross-entropy of each prior against the background class (positives ignored).
+    positives: [B, P] bool. Returns a [B, P] bool mask of the chosen negatives.
+    """
+    num_priors = positives.shape[1]
+    num_pos = positives.sum(dim=1, keepdim=True)
+    num_neg = (num_pos * neg_pos_ratio).long().clamp(min=min_negatives).clamp(max=num_priors - num_pos)
+    candidate_loss = background_loss.masked_fill(positives, float("-inf"))
+    order = candidate_loss.argsort(dim=1, descending=True)
+    rank = order.argsort(dim=1)
+    return rank < num_neg
+
+
+class MultiBoxLoss(nn.Module):
+    """The SSD training objective.
+
+    Returns `(loss_loc, loss_conf)`, each summed over the batch and divided by the number of matched
+    (positive) priors in the batch; their sum is the paper's L (alpha = 1). An image without objects adds
+    only its `min_negatives` hardest negatives; a batch without any positive gives a finite loss.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        iou_threshold: float = 0.5,
+        neg_pos_ratio: float = 3.0,
+        variances: Variances = DEFAULT_VARIANCES,
+        min_negatives: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
+        self.num_classes = num_classes
+        self.iou_threshold = iou_threshold
+        self.neg_pos_ratio = neg_pos_ratio
+        self.variances = tuple(variances)
+        # Negatives for an image with no positive: as many as one object would bring.
+        self.min_negatives = int(neg_pos_ratio) if min_negatives is None else min_negatives
+
+    def forward(
+        self, loc: Tensor, conf: Tensor, priors: Tensor, targets: Sequence[Mapping[str, Tensor]]
+    ) -> tuple[Tensor, Tensor]:
+        """loc [B,P,4], conf [B,P,C] logits, priors [P,4] cxcywh, targets: list of {"boxes","labels"}."""
+        if conf.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"conf has {conf.shape[-1]} classes but the loss was built for {self.num_classes}"
+            )
+        if loc.shape[1] != priors.shape[0] or conf.shape[1] != priors.shape[0]:
+            raise ValueError(
+                f"predictions cover {loc.shape[1]} priors but {priors.shape[0]} priors were given"
+            )
+        if len(targets) != loc.shape[0]:
+            raise ValueError(f"{len(targets)} targets for a batch of {loc.shape[0]} images")
+
+        padded = pad_targets([t["boxes"] for t in targets], [t["labels"] for t in targets])
+        with torch.no_grad():
+            matched = match_priors(padded, cxcywh_to_xyxy(priors), self.iou_threshold)
+            loc_target = encode(matched.boxes, priors, self.variances)
+        positives = matched.labels > 0
+        num_pos = positives.sum().clamp(min=1).to(loc.dtype)
+
+        loc_loss = F.smooth_l1_loss(loc, loc_target.to(loc.dtype), reduction="none").sum(dim=-1)
+        loss_loc = (loc_loss * positives).sum() / num_pos
+
+        batch, num_priors, num_classes = conf.shape
+        ce = F.cross_entropy(
+            conf.reshape(-1, num_classes).float(), matched.labels.reshape(-1), reduction="none"
+        ).reshape(batch, num_priors)
+        # Unmatched priors have label 0, so their cross-entropy is already the background loss to rank by.
+        negatives = hard_negative_mask(ce.detach(), positives, self.neg_pos_ratio, self.min_negatives)
+        loss_conf = (ce * (positives | negatives)).sum() / num_pos
+        return loss_loc, loss_conf

@@ -1,0 +1,133 @@
+"""The SSD detector: backbone -> neck -> one head per source, plus its priors and post-processing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ssd_lightning.boxes import DEFAULT_VARIANCES, Variances
+from ssd_lightning.models.compact import CompactBackbone, compact_extras
+from ssd_lightning.models.heads import SSDHead
+from ssd_lightning.models.neck import EXTRAS_SSD300, EXTRAS_SSD512, SSDNeck
+from ssd_lightning.models.vgg import VGG16Backbone
+from ssd_lightning.postprocess import DetectionConfig, detect
+from ssd_lightning.priors import PriorSpec, generate_priors, prior_preset
+
+_COMPACT_RATIOS = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
+
+
+class SSD(nn.Module):
+    """Single Shot MultiBox Detector.
+
+    `forward(images)` returns raw predictions `(loc [B,P,4], conf [B,P,C])` against `self.priors`
+    ([P,4] cxcywh in [0,1], a non-persistent buffer so checkpoints do not depend on the prior code);
+    `detect(loc, conf)` turns them into per-image detections.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: SSDNeck,
+        prior_spec: PriorSpec,
+        num_classes: int,
+        detection: DetectionConfig | None = None,
+        variances: Variances = DEFAULT_VARIANCES,
+    ) -> None:
+        super().__init__()
+        if len(neck.out_channels) != len(prior_spec.feature_maps):
+            raise ValueError(
+                f"the network has {len(neck.out_channels)} sources but the prior spec describes "
+                f"{len(prior_spec.feature_maps)} feature maps"
+            )
+        self.backbone = backbone
+        self.neck = neck
+        self.heads = nn.ModuleList(
+            SSDHead(channels, boxes, num_classes)
+            for channels, boxes in zip(neck.out_channels, prior_spec.boxes_per_location, strict=True)
+        )
+        self.prior_spec = prior_spec
+        self.num_classes = num_classes
+        self.detection = detection or DetectionConfig()
+        self.variances = tuple(variances)
+        self.register_buffer("priors", generate_priors(prior_spec), persistent=False)
+
+    @property
+    def image_size(self) -> int:
+        return self.prior_spec.image_size
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        """The feature maps the heads see, in source order."""
+        return self.neck(self.backbone(images))
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        sources = self.features(images)
+        sizes = tuple(s.shape[-1] for s in sources)
+        if sizes != self.prior_spec.feature_maps:
+            raise ValueError(
+                f"input of {tuple(images.shape[-2:])} gives feature maps {sizes}, but the priors are made "
+                f"for {self.prior_spec.feature_maps}: resize images to {self.image_size}x{self.image_size}"
+            )
+        predictions = [head(x) for head, x in zip(self.heads, sources, strict=True)]
+        loc = torch.cat([p[0] for p in predictions], dim=1)
+        conf = torch.cat([p[1] for p in predictions], dim=1)
+        return loc, conf
+
+    @torch.no_grad()
+    def detect(self, loc: Tensor, conf: Tensor) -> list[dict[str, Tensor]]:
+        """Per-image {"boxes" [K,4] xyxy in [0,1], "scores" [K], "labels" [K]}, best first."""
+        return detect(loc, conf, self.priors, self.detection, self.variances)
+
+
+def _feature_map_sizes(backbone: nn.Module, neck: SSDNeck, image_size: int) -> tuple[int, ...]:
+    probe = nn.Sequential(backbone, neck)
+    was_training = probe.training
+    probe.eval()
+    with torch.no_grad():
+        sizes = tuple(s.shape[-1] for s in neck(backbone(torch.zeros(1, 3, image_size, image_size))))
+    probe.train(was_training)
+    return sizes
+
+
+def build_ssd(
+    size: int = 300,
+    num_classes: int = 21,
+    arch: str = "vgg16",
+    prior_preset_name: str = "voc",
+    score_threshold: float = 0.01,
+    nms_iou_threshold: float = 0.45,
+    top_k: int = 200,
+    pre_nms_top_k: int = 400,
+    width: int = 32,
+    variances: Sequence[float] = DEFAULT_VARIANCES,
+    prior_spec: PriorSpec | None = None,
+) -> SSD:
+    """Build an SSD detector.
+
+    arch="vgg16": the paper's SSD300 (size=300) or SSD512 (size=512), with the paper's VOC or COCO prior
+    sizes (`prior_preset_name` "voc" | "coco"). arch="compact": a small BatchNorm network for CPU training
+    at any `size` (128-320 works well), `width` channels in its first layer, priors from the paper's
+    linear scale rule. `num_classes` counts the background (VOC: 21, COCO: 81). A `prior_spec` overrides
+    the priors of either.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+    detection = DetectionConfig(score_threshold, nms_iou_threshold, top_k, pre_nms_top_k)
+    if arch == "vgg16":
+        if size not in (300, 512):
+            raise ValueError(f"VGG16 SSD comes in sizes 300 and 512, got {size}")
+        backbone = VGG16Backbone()
+        neck = SSDNeck(backbone.out_channels, EXTRAS_SSD300 if size == 300 else EXTRAS_SSD512)
+        spec = prior_spec or prior_preset(size, prior_preset_name)
+    elif arch == "compact":
+        backbone = CompactBackbone(width)
+        neck = SSDNeck(backbone.out_channels, compact_extras(width), l2norm_first=False)
+        spec = prior_spec or PriorSpec.from_scales(
+            size, _feature_map_sizes(backbone, neck, size), _COMPACT_RATIOS
+        )
+    else:
+        raise ValueError(f"unknown arch {arch!r}; choose 'vgg16' or 'compact'")
+    if spec.image_size != size:
+        raise ValueError(f"prior spec is for {spec.image_size}px input but size={size}")
+    return SSD(backbone, neck, spec, num_classes, detection, (float(variances[0]), float(variances[1])))

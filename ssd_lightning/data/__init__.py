@@ -1,0 +1,49 @@
+"""Detection data: VOC, COCO and the built-in shapes dataset, SSD augmentation, a LightningDataModule.
+
+Loaders validate everything up front (a :class:`DatasetError` lists every problem, naming its file);
+``python -m ssd_lightning.data.check dataset=<name> dataset.root=<path>`` reports them all without
+training.
+"""
+
+from .base import DatasetError, DetectionDataset, ImageFolderDataset, ImageRecord, Problem, decode_rgb
+from .coco import COCODetection
+from .datamodule import DetectionDataModule, collate_detection, seed_worker
+from .shapes import SHAPE_CLASSES, default_shapes_root, ensure_shapes_dataset, render_scene
+from .transforms import (
+    SSD_MIN_IOUS,
+    DetectionTransform,
+    Expand,
+    ExpandIoUCropResize,
+    IoUCrop,
+    build_eval_transform,
+    build_train_transform,
+    photometric_distortion,
+)
+from .voc import VOC_CLASSES, VOCDetection
+
+__all__ = [
+    "SHAPE_CLASSES",
+    "SSD_MIN_IOUS",
+    "VOC_CLASSES",
+    "COCODetection",
+    "DatasetError",
+    "DetectionDataModule",
+    "DetectionDataset",
+    "DetectionTransform",
+    "Expand",
+    "ExpandIoUCropResize",
+    "ImageFolderDataset",
+    "ImageRecord",
+    "IoUCrop",
+    "Problem",
+    "VOCDetection",
+    "build_eval_transform",
+    "build_train_transform",
+    "collate_detection",
+    "decode_rgb",
+    "default_shapes_root",
+    "ensure_shapes_dataset",
+    "photometric_distortion",
+    "render_scene",
+    "seed_worker",
+]

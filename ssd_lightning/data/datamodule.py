@@ -1,0 +1,295 @@
+"""``DetectionDataModule``: the datasets, transforms and loaders of one ``conf/dataset/*.yaml``."""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from .base import DatasetError, DetectionDataset, ImageFolderDataset, Problem, Target
+from .coco import COCODetection, coco_annotation_file, read_coco_json, resolve_coco_classes
+from .shapes import SHAPE_CLASSES, default_shapes_root, ensure_shapes_dataset
+from .transforms import DetectionTransform, build_eval_transform, build_train_transform
+from .voc import VOC_CLASSES, VOCDetection, read_class_file, voc_folder
+
+FORMATS = ("shapes", "voc", "coco")
+SPLITS = ("train", "val", "test")
+_VOC_DEFAULT_SETS = {
+    "train": [(2007, "trainval"), (2012, "trainval")],
+    "val": [(2007, "test")],
+    "test": [(2007, "test")],
+}
+_SHAPES_SETS = {split: [("shapes", split)] for split in SPLITS}
+_COCO_DEFAULT_SPLITS = {"train": "train2017", "val": "val2017", "test": None}  # test: the val split
+
+
+def collate_detection(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[torch.Tensor, list[Target]]:
+    """Stack the images to [B,3,S,S]; keep the targets as a list of dicts (their box counts differ)."""
+    images, targets = zip(*batch, strict=True)
+    return torch.stack(images), list(targets)
+
+
+def _derive_seed(*entropy: int) -> int:
+    return int(np.random.SeedSequence([e % 2**63 for e in entropy]).generate_state(1)[0])
+
+
+def seed_worker(worker_id: int, rank: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: a distinct augmentation stream per worker, epoch and rank.
+
+    ``torch.initial_seed()`` already differs per worker and epoch; ``rank`` tells DDP processes apart.
+    """
+    # No cv2.setNumThreads here: in a forked worker it can deadlock on the pool inherited from the parent.
+    seed = _derive_seed(torch.initial_seed(), rank)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if isinstance(transform, DetectionTransform):
+        transform.reseed(seed)
+
+
+def _pairs(sets: Sequence[Sequence[Any]] | None, option: str) -> list[tuple[Any, str]] | None:
+    if sets is None:
+        return None
+    pairs = [tuple(entry) for entry in sets]
+    if not pairs or any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"dataset.{option} must be a list of [year, image_set] pairs, got {sets!r}")
+    return [(year, str(image_set)) for year, image_set in pairs]
+
+
+class DetectionDataModule(pl.LightningDataModule):
+    """Datasets and loaders for SSD training, built from one ``conf/dataset/*.yaml``.
+
+    ``classes``, ``num_classes`` (with background), ``image_size``, ``mean``, ``std`` (0-255 RGB) and,
+    for COCO, ``label_to_category_id`` are set on construction; the datasets are built (and every
+    image and box validated) in :meth:`setup`. Batches are ``(images [B,3,S,S], list of target dicts)``
+    with boxes normalised to [0,1] (see :class:`~ssd_lightning.data.base.DetectionDataset`).
+
+    Args:
+        format: ``shapes`` (built-in, generated on first use), ``voc`` or ``coco``.
+        root: dataset folder: a VOCdevkit (voc), the folder holding ``annotations/`` (coco), the
+            cache folder (shapes; None means :func:`~ssd_lightning.data.shapes.default_shapes_root`).
+        classes: class names without background. None: VOC's 20 (voc), the categories of the
+            annotation file (coco), the shape classes (shapes); for voc, None with a ``classes.txt``
+            in the first train year folder reads it.
+        name: display name for logs; defaults to ``format``.
+        image_size: square input side of the model.
+        mean, std: per-channel RGB normalisation on the 0-255 scale.
+        batch_size: images per batch PER DEVICE (the global batch is batch_size x devices).
+        num_workers, pin_memory, persistent_workers: DataLoader settings.
+        train_sets, val_sets, test_sets: voc only, lists of ``[year, image_set]``.
+        train_split, val_split, test_split: coco only (test defaults to the val split).
+        predict_root: folder of images for ``predict``; None predicts on the test split.
+        keep_difficult_in_train: train on VOC-difficult / COCO-crowd boxes too (evaluation keeps them
+            flagged either way).
+        skip_bad_samples: skip images with problems (counted in a warning) instead of failing.
+        verify_images: read every image header in ``setup`` (existence is always checked).
+        augmentation: keyword arguments of :func:`~ssd_lightning.data.transforms.build_train_transform`.
+        shapes: keyword arguments of :func:`~ssd_lightning.data.shapes.ensure_shapes_dataset` (counts, seed).
+    """
+
+    def __init__(
+        self,
+        format: str = "shapes",
+        root: str | None = None,
+        classes: Sequence[str] | None = None,
+        name: str | None = None,
+        image_size: int = 300,
+        mean: Sequence[float] = (123.675, 116.28, 103.53),
+        std: Sequence[float] = (58.395, 57.12, 57.375),
+        batch_size: int = 32,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        train_sets: Sequence[Sequence[Any]] | None = None,
+        val_sets: Sequence[Sequence[Any]] | None = None,
+        test_sets: Sequence[Sequence[Any]] | None = None,
+        train_split: str | None = None,
+        val_split: str | None = None,
+        test_split: str | None = None,
+        predict_root: str | None = None,
+        keep_difficult_in_train: bool = False,
+        skip_bad_samples: bool = False,
+        verify_images: bool = True,
+        augmentation: Mapping[str, Any] | None = None,
+        shapes: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if format not in FORMATS:
+            raise ValueError(f"dataset.format must be one of {', '.join(FORMATS)}, got {format!r}")
+        self.format = format
+        self.name = name or format
+        given_sets = {"train": train_sets, "val": val_sets, "test": test_sets}
+        given_splits = {"train": train_split, "val": val_split, "test": test_split}
+        misplaced = [f"{s}_sets" for s, v in given_sets.items() if v is not None and format != "voc"]
+        misplaced += [f"{s}_split" for s, v in given_splits.items() if v is not None and format != "coco"]
+        if misplaced:
+            raise ValueError(f"dataset.{', dataset.'.join(misplaced)} do not apply to format {format!r}")
+        if format == "shapes" and root is None:
+            root = str(default_shapes_root())
+        if root is None:
+            raise ValueError(f"dataset.root is required for format {format!r} (the folder holding the data)")
+        self.root = Path(root)
+        if format != "shapes" and not self.root.is_dir():
+            raise DatasetError(
+                self.name, [Problem(str(self.root), "dataset root does not exist or is not a folder")]
+            )
+        self.image_size = int(image_size)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"dataset.mean/std need 3 values (std > 0), got {self.mean} / {self.std}")
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.predict_root = predict_root
+        self.keep_difficult_in_train = keep_difficult_in_train
+        self.skip_bad_samples = skip_bad_samples
+        self.verify_images = verify_images
+        self.augmentation = dict(augmentation or {})
+        self.shapes_options = dict(shapes or {})
+        self.image_sets = {
+            split: (_pairs(given_sets[split], f"{split}_sets") or _VOC_DEFAULT_SETS[split])
+            if format == "voc"
+            else _SHAPES_SETS[split]
+            for split in SPLITS
+        }
+        self.coco_splits = {split: given_splits[split] or _COCO_DEFAULT_SPLITS[split] for split in SPLITS}
+        self.coco_splits["test"] = self.coco_splits["test"] or self.coco_splits["val"]
+        self.label_to_category_id: dict[int, int] | None = None
+        self.classes = self._resolve_classes(classes)
+        # built once here only to fail early on a misspelt augmentation key
+        build_train_transform(self.image_size, self.mean, self.std, **self.augmentation)
+        self.datasets: dict[str, DetectionDataset] = {}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background (label 0)."""
+        return len(self.classes) + 1
+
+    def _resolve_classes(self, classes: Sequence[str] | None) -> list[str]:
+        if self.format == "coco":
+            source = coco_annotation_file(self.root, self.coco_splits["val"])
+            if not source.is_file():
+                source = coco_annotation_file(self.root, self.coco_splits["train"])
+            categories = read_coco_json(source)["categories"]
+            names, self.label_to_category_id = resolve_coco_classes(categories, classes, source)
+            return names
+        if classes is not None:
+            names = [str(c) for c in classes]
+        elif self.format == "shapes":
+            names = list(SHAPE_CLASSES)
+        else:
+            class_files = [
+                voc_folder(self.root, year) / "classes.txt" for year, _ in self.image_sets["train"]
+            ]
+            found = [f for f in class_files if f.is_file()]
+            names = read_class_file(found[0]) if found else list(VOC_CLASSES)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"dataset.classes must be distinct names, got {names}")
+        return names
+
+    def prepare_data(self) -> None:
+        """Generate the built-in dataset (once per node; the other processes wait on its file lock)."""
+        if self.format == "shapes":
+            ensure_shapes_dataset(self.root, **self.shapes_options)
+
+    def build_dataset(
+        self,
+        split: str,
+        *,
+        transform: DetectionTransform | None | str = "default",
+        skip_bad_samples: bool | None = None,
+        verify_images: bool | None = None,
+        keep_difficult: bool | None = None,
+    ) -> DetectionDataset:
+        """The validated dataset of ``split`` (train, val, test or predict).
+
+        ``transform="default"`` gives the training augmentation for train and resize-only otherwise;
+        ``skip_bad_samples``, ``verify_images`` and ``keep_difficult`` None take the configured values
+        (difficult/crowd objects are kept everywhere but in train, unless ``keep_difficult_in_train``).
+        """
+        if split not in (*SPLITS, "predict"):
+            raise ValueError(f"unknown split {split!r}")
+        if transform == "default":
+            transform = (
+                build_train_transform(self.image_size, self.mean, self.std, **self.augmentation)
+                if split == "train"
+                else build_eval_transform(self.image_size, self.mean, self.std)
+            )
+        options = {
+            "transform": transform,
+            "skip_bad_samples": self.skip_bad_samples if skip_bad_samples is None else skip_bad_samples,
+            "verify_images": self.verify_images if verify_images is None else verify_images,
+        }
+        if split == "predict":
+            if self.predict_root is None:
+                return self.build_dataset("test", keep_difficult=keep_difficult, **options)
+            return ImageFolderDataset(self.predict_root, self.classes, **options)
+        if keep_difficult is None:
+            keep_difficult = self.keep_difficult_in_train or split != "train"
+        if self.format == "coco":
+            dataset = COCODetection(
+                self.root, self.coco_splits[split], self.classes, keep_difficult=keep_difficult, **options
+            )
+            if dataset.label_to_category_id != self.label_to_category_id:
+                source = str(coco_annotation_file(self.root, self.coco_splits[split]))
+                raise DatasetError(
+                    dataset.name, [Problem(source, "categories differ from the other splits'")]
+                )
+            return dataset
+        if self.format == "shapes":
+            ensure_shapes_dataset(self.root, **self.shapes_options)
+        return VOCDetection(
+            self.root, self.image_sets[split], self.classes, keep_difficult=keep_difficult, **options
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build (and validate) the datasets ``stage`` needs; any data problem raises here."""
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        for split in needed.get(stage or "", SPLITS):
+            if split not in self.datasets:
+                self.datasets[split] = self.build_dataset(split)
+                transform = self.datasets[split].transform
+                if isinstance(transform, DetectionTransform):  # reproducible under seed_everything
+                    transform.reseed(
+                        _derive_seed(torch.initial_seed(), self._rank(), (*SPLITS, "predict").index(split))
+                    )
+
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            self.setup({"train": "fit", "val": "validate"}.get(split, split))
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            collate_fn=collate_detection,
+            worker_init_fn=functools.partial(seed_worker, rank=self._rank()),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", shuffle=False)

@@ -1,0 +1,168 @@
+"""PASCAL VOC layout: ``<root>/VOC<year>/{Annotations,JPEGImages,ImageSets/Main}``, any class list."""
+
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .base import DatasetError, DetectionDataset, ImageRecord, Problem, Transform, log
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)  # fmt: skip
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG")
+
+ImageSet = tuple[str | int, str]
+
+
+def voc_folder(root: str | os.PathLike, year: str | int) -> Path:
+    """The folder of one VOC year (or any named VOC-layout part, e.g. ``shapes``) under ``root``."""
+    return Path(root) / f"VOC{year}"
+
+
+def read_class_file(path: str | os.PathLike) -> list[str]:
+    """Class names from a text file, one a line (blank lines ignored)."""
+    names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not names:
+        raise DatasetError("classes", [Problem(str(path), "class file lists no classes")])
+    return names
+
+
+def _text(element: ET.Element, tag: str) -> str | None:
+    child = element.find(tag)
+    return child.text.strip() if child is not None and child.text else None
+
+
+def _number(element: ET.Element | None, tag: str) -> float:
+    """A numeric child's value; NaN when missing or not a number (reported by the box validation)."""
+    value = _text(element, tag) if element is not None else None
+    try:
+        return float(value) if value is not None else float("nan")
+    except ValueError:
+        return float("nan")
+
+
+def _image_path(folder: Path, image_id: str, filename: str | None) -> Path:
+    images = folder / "JPEGImages"
+    named = [images / filename] if filename else []
+    candidates = named + [images / (image_id + suffix) for suffix in _IMAGE_SUFFIXES]
+    return next((c for c in candidates if c.is_file()), candidates[0])
+
+
+def parse_voc_annotation(
+    xml_path: Path, folder: Path, image_id: str, class_to_label: dict[str, int], index: int
+) -> ImageRecord | Problem:
+    """One VOC XML file to an :class:`ImageRecord`, or the :class:`Problem` that prevents it.
+
+    VOC boxes are 1-based inclusive pixel indices: pixel ``i`` covers ``[i-1, i]``, so the box
+    ``xmin..xmax`` spans ``[xmin - 1, xmax]`` in 0-based continuous coordinates.
+    """
+    try:
+        root = ET.parse(xml_path).getroot()
+    except FileNotFoundError:
+        return Problem(str(xml_path), "annotation file is missing")
+    except ET.ParseError as error:
+        return Problem(str(xml_path), f"XML does not parse ({error})")
+    size = root.find("size")
+    width = _number(size, "width")
+    height = _number(size, "height")
+    boxes, labels, difficult = [], [], []
+    for number, obj in enumerate(root.iter("object"), start=1):
+        name = _text(obj, "name")
+        if name not in class_to_label:
+            known = ", ".join(class_to_label)
+            return Problem(str(xml_path), f"object {number} has unknown class name {name!r} (known: {known})")
+        box = obj.find("bndbox")
+        boxes.append(
+            [_number(box, "xmin") - 1, _number(box, "ymin") - 1, _number(box, "xmax"), _number(box, "ymax")]
+        )
+        labels.append(class_to_label[name])
+        difficult.append(_text(obj, "difficult") == "1")
+    return ImageRecord(
+        path=_image_path(folder, image_id, _text(root, "filename")),
+        annotation=xml_path,
+        name=image_id,
+        image_id=index,
+        width=int(width) if np.isfinite(width) else 0,
+        height=int(height) if np.isfinite(height) else 0,
+        boxes=np.array(boxes, np.float32).reshape(-1, 4),
+        labels=np.array(labels, np.int64),
+        difficult=np.array(difficult, bool),
+    )
+
+
+def _read_split(split_file: Path) -> list[str] | Problem:
+    if not split_file.is_file():
+        return Problem(str(split_file), "image set file is missing")
+    ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    return ids if ids else Problem(str(split_file), "image set file lists no images")
+
+
+class VOCDetection(DetectionDataset):
+    """A PASCAL VOC (or VOC-layout custom) dataset.
+
+    Args:
+        root: folder holding ``VOC2007/``, ``VOC2012/``... (a ``VOCdevkit`` folder).
+        image_sets: ``(year, set)`` pairs, e.g. ``[(2007, "trainval"), (2012, "trainval")]``; a year whose
+            folder is absent is skipped with a warning, none present is an error.
+        classes: class names (VOC's 20 by default); an object of another class is an error.
+        transform, keep_difficult, skip_bad_samples, verify_images: see :class:`DetectionDataset`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        image_sets: Sequence[ImageSet] = ((2007, "trainval"), (2012, "trainval")),
+        classes: Sequence[str] = VOC_CLASSES,
+        *,
+        transform: Transform | None = None,
+        keep_difficult: bool = True,
+        skip_bad_samples: bool = False,
+        verify_images: bool = True,
+    ):
+        root = Path(root)
+        image_sets = [(year, str(image_set)) for year, image_set in image_sets]
+        name = "voc " + " + ".join(f"{year}/{image_set}" for year, image_set in image_sets)
+        if not root.is_dir():
+            raise DatasetError(name, [Problem(str(root), "dataset root does not exist or is not a folder")])
+        class_to_label = {c: i for i, c in enumerate(classes, start=1)}
+        present = [(year, image_set) for year, image_set in image_sets if voc_folder(root, year).is_dir()]
+        for year, _ in sorted(set(image_sets) - set(present), key=str):
+            log.warning("%s: %s not found, skipping year %s", name, voc_folder(root, year), year)
+        if not present:
+            expected = ", ".join(sorted({voc_folder(root, y).name for y, _ in image_sets}))
+            message = f"holds none of {expected} (dataset.root must be the folder holding them: VOCdevkit)"
+            raise DatasetError(name, [Problem(str(root), message)])
+
+        records: list[ImageRecord] = []
+        problems: list[Problem] = []
+        for year, image_set in present:
+            folder = voc_folder(root, year)
+            ids = _read_split(folder / "ImageSets" / "Main" / f"{image_set}.txt")
+            if isinstance(ids, Problem):
+                problems.append(ids)
+                continue
+            for image_id in ids:
+                xml_path = folder / "Annotations" / f"{image_id}.xml"
+                parsed = parse_voc_annotation(xml_path, folder, image_id, class_to_label, len(records))
+                if isinstance(parsed, Problem):
+                    problems.append(parsed)
+                else:
+                    records.append(parsed)
+        super().__init__(
+            records,
+            classes,
+            problems=problems,
+            name=name,
+            transform=transform,
+            keep_difficult=keep_difficult,
+            skip_bad_samples=skip_bad_samples,
+            verify_images=verify_images,
+        )

@@ -1,0 +1,288 @@
+"""The SSD augmentation: invariants (hypothesis), the hand-written geometry, and the eval path."""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytest
+import torch
+from albumentations.pytorch import ToTensorV2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ssd_lightning.data.transforms import (
+    DetectionTransform,
+    Expand,
+    ExpandIoUCropResize,
+    IoUCrop,
+    boxes_into_window,
+    build_eval_transform,
+    build_train_transform,
+    photometric_distortion,
+)
+
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+SIZE = 64
+
+
+@st.composite
+def scenes(draw: st.DrawFn) -> tuple[np.ndarray, dict, int]:
+    """A random image with 0-6 valid boxes; label k+1 and difficult (k odd) identify box k."""
+    width, height = draw(st.integers(8, 120)), draw(st.integers(8, 120))
+    boxes = []
+    for _ in range(draw(st.integers(0, 6))):
+        x0 = draw(st.floats(0, width - 1))
+        y0 = draw(st.floats(0, height - 1))
+        x1 = min(width, x0 + draw(st.floats(0.5, width)))
+        y1 = min(height, y0 + draw(st.floats(0.5, height)))
+        boxes.append([x0, y0, x1, y1])
+    count = len(boxes)
+    seed = draw(st.integers(0, 2**32 - 1))
+    image = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    target = {
+        "boxes": np.array(boxes, np.float32).reshape(-1, 4),
+        "labels": np.arange(1, count + 1, dtype=np.int64),
+        "difficult": np.arange(count) % 2 == 1,
+        "image_id": 3,
+        "orig_size": np.array([height, width]),
+    }
+    return image, target, seed
+
+
+def _check_target(target: dict, count_in: int) -> None:
+    boxes, labels, difficult = target["boxes"], target["labels"], target["difficult"]
+    assert boxes.dtype == torch.float32 and labels.dtype == torch.int64 and difficult.dtype == torch.bool
+    assert boxes.shape == (len(labels), 4) and difficult.shape == labels.shape
+    assert bool((boxes >= 0).all() and (boxes <= 1).all()), "boxes stay inside the image"
+    assert bool((boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()), "positive area"
+    assert len(set(labels.tolist())) == len(labels) and all(1 <= v <= count_in for v in labels.tolist())
+    assert difficult.tolist() == [(v - 1) % 2 == 1 for v in labels.tolist()], "flags stay with their box"
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(scenes())
+def test_train_transform_invariants(scene) -> None:
+    image, target, seed = scene
+    transform = build_train_transform(SIZE, MEAN, STD)
+    transform.reseed(seed)
+    tensor, out = transform(image, target)
+    assert tensor.shape == (3, SIZE, SIZE) and tensor.dtype == torch.float32
+    _check_target(out, len(target["labels"]))
+    assert out["image_id"] == 3 and out["orig_size"].tolist() == target["orig_size"].tolist()
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(scenes())
+def test_fused_geometry_equals_expand_then_crop_then_resize(scene) -> None:
+    image, target, seed = scene
+    image = cv2.GaussianBlur(image, (0, 0), 3)  # smooth, so differences measure geometry, not rounding
+    expand, crop = Expand(fill=MEAN, p=1.0), IoUCrop()
+    fused = ExpandIoUCropResize(SIZE, SIZE, expand, crop)
+    fused.set_random_seed(seed)
+    shape = image.shape
+    height, width = shape[:2]
+    rows = np.concatenate(
+        [target["boxes"] / [width, height, width, height], target["labels"][:, None]], axis=1
+    ).astype(np.float64)
+    params = fused.get_params_dependent_on_data({"shape": shape}, {"bboxes": rows})
+    canvas, window = params["canvas"], params["window"]
+
+    expanded = expand.apply(image, canvas)
+    cropped = crop.apply(expanded, window)
+    reference = cv2.resize(cropped, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
+    fast = fused.apply(image, **params)
+    assert fast.shape == reference.shape and fast.dtype == np.uint8
+    # same pixels up to interpolation rounding (OpenCV's warp works in 1/32 pixel steps)
+    assert np.abs(fast.astype(int) - reference.astype(int)).mean() < 1.5
+
+    reference_rows = crop.apply_to_bboxes(
+        expand.apply_to_bboxes(rows, canvas, shape=shape), window, shape=expanded.shape
+    )
+    np.testing.assert_allclose(fused.apply_to_bboxes(rows, **params, shape=shape), reference_rows, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("canvas", "window"),
+    [
+        ((40, 40, 0, 0), (10, 10, 26, 26)),
+        ((80, 80, 20, 30), (25, 15, 57, 47)),
+        ((60, 90, 5, 40), (0, 0, 90, 60)),
+    ],
+)
+def test_fused_warp_is_pixel_exact_on_a_ramp(canvas, window) -> None:
+    # bilinear interpolation reproduces a linear ramp exactly, so any offset error shows
+    ys, xs = np.mgrid[0:40, 0:40]
+    image = np.stack([5 * xs, 5 * ys, 2 * (xs + ys)], axis=-1).astype(np.uint8)
+    expand, crop = Expand(fill=MEAN), IoUCrop()
+    fused = ExpandIoUCropResize(SIZE, SIZE, expand, crop)
+    x0, y0, x1, y1 = window
+    reference = cv2.resize(
+        expand.apply(image, canvas)[y0:y1, x0:x1], (SIZE, SIZE), interpolation=cv2.INTER_LINEAR
+    )
+    difference = np.abs(fused.apply(image, canvas=canvas, window=window).astype(int) - reference)
+    assert difference.mean() < 0.3 and np.percentile(difference, 99) <= 2
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(scenes(), st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.7, 0.9]))
+def test_iou_crop_window_obeys_the_ssd_constraints(scene, min_iou: float) -> None:
+    image, target, seed = scene
+    height, width = image.shape[:2]
+    crop = IoUCrop(min_ious=[min_iou])
+    window = crop.sample_window(
+        target["boxes"].astype(np.float64), height, width, np.random.default_rng(seed)
+    )
+    if window is None:  # 50 trials failed: the image stays whole
+        return
+    x0, y0, x1, y1 = window
+    assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+    assert x1 - x0 >= np.floor(0.3 * width) and y1 - y0 >= np.floor(0.3 * height)
+    assert 0.5 <= (y1 - y0) / (x1 - x0) <= 2.0
+    boxes = target["boxes"]
+    if len(boxes):
+        centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+        inside = (centres[:, 0] > x0) & (centres[:, 0] < x1) & (centres[:, 1] > y0) & (centres[:, 1] < y1)
+        inter_w = np.clip(np.minimum(boxes[:, 2], x1) - np.maximum(boxes[:, 0], x0), 0, None)
+        inter_h = np.clip(np.minimum(boxes[:, 3], y1) - np.maximum(boxes[:, 1], y0), 0, None)
+        inter = inter_w * inter_h
+        union = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) + (x1 - x0) * (y1 - y0) - inter
+        assert (inside & (inter / union >= min_iou - 1e-6)).any()
+
+
+def test_iou_crop_none_choice_keeps_the_image_and_trials_can_fail() -> None:
+    boxes = np.array([[0.0, 0.0, 100.0, 100.0]])
+    rng = np.random.default_rng(0)
+    assert IoUCrop(min_ious=[None]).sample_window(boxes, 100, 100, rng) is None
+    # a patch of at most half the side cannot reach IoU 0.9 with a box covering the whole image
+    assert IoUCrop(min_ious=[0.9], scale=(0.3, 0.5)).sample_window(boxes, 100, 100, rng) is None
+
+
+def test_expand_places_the_image_on_a_mean_filled_canvas() -> None:
+    image = np.full((10, 20, 3), 7, np.uint8)
+    expand = Expand(max_ratio=3.0, fill=(100.4, 50.6, 0.0), p=1.0)
+    canvas_h, canvas_w, top, left = canvas = expand.sample_canvas(10, 20, np.random.default_rng(1))
+    assert 10 <= canvas_h <= 30 and 20 <= canvas_w <= 60
+    out = expand.apply(image, canvas)
+    assert out.shape == (canvas_h, canvas_w, 3)
+    assert (out[top : top + 10, left : left + 20] == 7).all()
+    mask = np.ones((canvas_h, canvas_w), bool)
+    mask[top : top + 10, left : left + 20] = False
+    assert (out[mask] == [100, 51, 0]).all()
+    rows = np.array([[0.0, 0.0, 1.0, 1.0, 5.0]])
+    moved = expand.apply_to_bboxes(rows, canvas, shape=image.shape)
+    np.testing.assert_allclose(
+        moved[0], [left / canvas_w, top / canvas_h, (left + 20) / canvas_w, (top + 10) / canvas_h, 5]
+    )
+
+
+def test_boxes_into_window_keeps_centres_inside_and_their_labels() -> None:
+    rows = np.array([[0.0, 0.0, 0.2, 0.2, 1.0], [0.4, 0.4, 0.9, 0.6, 2.0], [0.5, 0.0, 1.0, 0.3, 3.0]])
+    kept = boxes_into_window(rows, (100, 100), (30, 30, 80, 80))
+    assert kept[:, 4].tolist() == [2.0]
+    np.testing.assert_allclose(kept[0, :4], [(40 - 30) / 50, (40 - 30) / 50, 1.0, (60 - 30) / 50])
+    assert boxes_into_window(rows, (100, 100), (60, 60, 99, 99)).shape == (0, 5)
+
+
+def test_image_without_boxes_and_image_losing_all_boxes_are_valid_samples() -> None:
+    image = np.zeros((40, 50, 3), np.uint8)
+    empty = {
+        "boxes": np.zeros((0, 4), np.float32),
+        "labels": np.zeros(0, np.int64),
+        "difficult": np.zeros(0, bool),
+    }
+    tensor, out = build_train_transform(SIZE, MEAN, STD)(
+        image, {**empty, "image_id": 1, "orig_size": [40, 50]}
+    )
+    assert tensor.shape == (3, SIZE, SIZE)
+    assert out["boxes"].shape == (0, 4) and out["labels"].shape == (0,) and out["difficult"].shape == (0,)
+
+    # a crop that leaves every box out
+    losing = DetectionTransform(
+        [A.Crop(0, 0, 10, 10), A.Resize(SIZE, SIZE), A.Normalize(MEAN, STD, 1.0), ToTensorV2()]
+    )
+    target = {
+        "boxes": np.array([[30, 20, 45, 35]], np.float32),
+        "labels": np.array([4]),
+        "difficult": np.array([False]),
+        "image_id": 1,
+        "orig_size": [40, 50],
+    }
+    tensor, out = losing(image, target)
+    assert (
+        tensor.shape == (3, SIZE, SIZE)
+        and out["boxes"].shape == (0, 4)
+        and out["labels"].dtype == torch.int64
+    )
+
+
+def test_eval_transform_only_rescales_and_normalises() -> None:
+    image = np.empty((30, 60, 3), np.uint8)
+    image[...] = (200, 100, 50)
+    target = {
+        "boxes": np.array([[0, 0, 60, 30], [10, 5, 10.3, 5.2]], np.float32),  # a sub-pixel box too
+        "labels": np.array([1, 2]),
+        "difficult": np.array([False, True]),
+        "image_id": 4,
+        "orig_size": [30, 60],
+    }
+    tensor, out = build_eval_transform(32, MEAN, STD)(image, target)
+    np.testing.assert_allclose(out["boxes"].numpy(), target["boxes"] / [60, 30, 60, 30], rtol=1e-5)
+    assert out["labels"].tolist() == [1, 2] and out["difficult"].tolist() == [False, True]
+    expected = (np.array([200, 100, 50]) - MEAN) / STD
+    np.testing.assert_allclose(tensor[:, 5, 5].numpy(), expected, rtol=1e-5)
+
+
+def test_reseed_makes_the_pipeline_reproducible_and_seeds_differ() -> None:
+    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    target = {
+        "boxes": np.array([[5, 5, 40, 30]], np.float32),
+        "labels": np.array([1]),
+        "difficult": np.array([False]),
+        "image_id": 0,
+        "orig_size": [50, 70],
+    }
+
+    def run(seed: int) -> list[torch.Tensor]:
+        transform = build_train_transform(SIZE, MEAN, STD)
+        transform.reseed(seed)
+        return [transform(image, target)[0] for _ in range(4)]
+
+    first, again, other = run(1), run(1), run(2)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_reseed_gives_the_steps_independent_streams() -> None:
+    # albumentations' own set_random_seed hands every step the same seed, which locks e.g. the flip
+    # decision to the expand decision; reseed must give them one shared stream instead
+    transform = build_train_transform(SIZE, MEAN, STD, photometric=False, crop_min_ious=[None])
+    transform.reseed(3)
+    geometry, flip = transform.pipeline.transforms[:2]
+    image = np.zeros((20, 20, 3), np.uint8)
+    empty = {"boxes": np.zeros((0, 4)), "labels": [], "difficult": [], "image_id": 0, "orig_size": [20, 20]}
+    decisions = set()
+    for _ in range(40):
+        transform(image, empty)
+        decisions.add((geometry.params["canvas"][:2] != (20, 20), bool(flip.params)))
+    assert decisions == {(False, False), (False, True), (True, False), (True, True)}
+
+
+def test_photometric_distortion_follows_the_paper_order() -> None:
+    sequence = photometric_distortion()
+    assert sequence.p == 1.0  # the steps draw their own probabilities
+    brightness, either, channel_swap = sequence.transforms
+    assert isinstance(brightness, A.RandomBrightnessContrast) and brightness.p == 0.5
+    assert brightness.brightness_limit == pytest.approx(
+        (-32 / 255, 32 / 255)
+    ) and brightness.contrast_limit == (0, 0)
+    assert isinstance(either, A.OneOf)
+    contrast_first, contrast_last = (branch.transforms for branch in either.transforms)
+    assert isinstance(contrast_first[0], A.RandomBrightnessContrast) and contrast_first[0].contrast_limit == (
+        -0.5,
+        0.5,
+    )
+    assert contrast_last[2] is contrast_first[0]
+    assert all(step.p == 0.5 for step in contrast_first)
+    assert isinstance(channel_swap, A.ChannelShuffle) and channel_swap.p == 0.5

@@ -45,11 +45,14 @@ def decode(offsets: Tensor, priors: Tensor, variances: Variances = DEFAULT_VARIA
 
 
 class PaddedTargets(NamedTuple):
-    """Ground truth of a batch padded to the largest box count; `valid` marks the real boxes."""
+    """Ground truth of a batch padded to the largest box count; `valid` marks the real boxes, which sit at
+    `[image_index, slot_index]` (indices built on the host, so using them never waits on the device)."""
 
     boxes: Tensor  # [B, N, 4] xyxy
     labels: Tensor  # [B, N] int64
     valid: Tensor  # [B, N] bool
+    image_index: Tensor  # [M] int64, M real boxes in the batch
+    slot_index: Tensor  # [M] int64
 
 
 def pad_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> PaddedTargets:
@@ -75,7 +78,7 @@ def pad_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> PaddedTarg
     )
     padded_labels[image_index, slot_index] = torch.cat([x.reshape(-1) for x in labels]).to(torch.int64)
     valid[image_index, slot_index] = True
-    return PaddedTargets(padded_boxes, padded_labels, valid)
+    return PaddedTargets(padded_boxes, padded_labels, valid, image_index, slot_index)
 
 
 class MatchResult(NamedTuple):
@@ -95,8 +98,10 @@ def match_priors(targets: PaddedTargets, priors_xyxy: Tensor, iou_threshold: flo
     """
     batch, slots = targets.labels.shape
     num_priors = priors_xyxy.shape[0]
-    iou = box_iou(targets.boxes.reshape(-1, 4), priors_xyxy).reshape(batch, slots, num_priors)
-    iou = iou.masked_fill(~targets.valid[..., None], -1.0)
+    # IoU of the real boxes only (padding can double the work), written into a -1 filled padded tensor.
+    real = (targets.image_index, targets.slot_index)
+    iou = priors_xyxy.new_full((batch, slots, num_priors), -1.0)
+    iou[real] = box_iou(targets.boxes[real], priors_xyxy)
 
     best_gt_iou, best_gt = iou.max(dim=1)  # [B, P]
     best_prior = iou.argmax(dim=2)  # [B, N]

@@ -25,6 +25,31 @@ class DetectionConfig:
     pre_nms_top_k: int = 400
 
 
+def _nms_by_group(
+    boxes: Tensor, scores: Tensor, group: Tensor, group_sizes: Tensor, config: DetectionConfig
+) -> Tensor:
+    """Per-group NMS of candidates sorted by group; indices of the kept ones.
+
+    `batched_nms` over a whole batch falls back to a Python loop over its groups, each scanning every box,
+    above 1000 boxes on CPU (5000 on GPU). Slices of whole groups below that size keep its one-call path;
+    group ids are made local to the slice so its coordinate offsets stay small (float32 precision).
+    """
+    limit = 1000 if boxes.device.type == "cpu" else 5000
+    slices, start, end = [], 0, 0
+    for size in group_sizes.tolist():
+        if end + size - start > limit and end > start:
+            slices.append((start, end))
+            start = end
+        end += size
+    slices.append((start, end))
+    kept = [
+        batched_nms(boxes[a:b], scores[a:b], group[a:b] - group[a], config.nms_iou_threshold) + a
+        for a, b in slices
+        if b > a
+    ]
+    return torch.cat(kept) if kept else group.new_zeros(0)
+
+
 def detect(
     loc: Tensor,
     conf: Tensor,
@@ -38,24 +63,28 @@ def detect(
     `score_threshold`, per-class NMS, then the `top_k` best of each image sorted by score.
     """
     config = config or DetectionConfig()
-    batch, num_priors, num_classes = conf.shape
+    batch, _, num_classes = conf.shape
     boxes = decode(loc.float(), priors.float(), variances).clamp(0.0, 1.0)  # [B, P, 4]
     scores = conf.float().softmax(dim=-1)[..., 1:].transpose(1, 2)  # [B, C-1, P]
 
-    per_class = min(config.pre_nms_top_k, num_priors)
-    top_scores, top_priors = scores.topk(per_class, dim=2)  # [B, C-1, k]
-    image_index = torch.arange(batch, device=conf.device)[:, None, None].expand_as(top_priors)
-    class_index = torch.arange(1, num_classes, device=conf.device)[None, :, None].expand_as(top_priors)
+    # Threshold first (a trained model leaves a few hundred candidates per class at most), then keep the
+    # `pre_nms_top_k` best of each (image, class): cheaper than a top-k over every prior of every class.
+    cand_images, cand_classes, cand_priors = (scores > config.score_threshold).nonzero(as_tuple=True)
+    cand_scores = scores[cand_images, cand_classes, cand_priors]
+    group = cand_images * num_classes + cand_classes + 1  # (image, label); label = class index + 1
+    order = cand_scores.argsort(descending=True)
+    order = order[group[order].argsort(stable=True)]  # by group, best first within each
+    group_sizes = torch.bincount(group, minlength=batch * num_classes)
+    group_starts = group_sizes.cumsum(0) - group_sizes
+    in_group_rank = torch.arange(len(order), device=conf.device) - group_starts[group[order]]
+    order = order[in_group_rank < config.pre_nms_top_k]
+    cand_scores, cand_images, group = cand_scores[order], cand_images[order], group[order]
+    cand_labels = group - cand_images * num_classes
+    cand_boxes = boxes[cand_images, cand_priors[order]]
 
-    keep = top_scores > config.score_threshold
-    cand_scores = top_scores[keep]
-    cand_images = image_index[keep]
-    cand_labels = class_index[keep]
-    cand_boxes = boxes[cand_images, top_priors[keep]]
-
-    group = cand_images * num_classes + cand_labels
-    kept = batched_nms(cand_boxes, cand_scores, group, config.nms_iou_threshold)  # sorted by score
-    # Stable sort by image keeps each image's detections in score order; rank them to cut at top_k.
+    kept = _nms_by_group(cand_boxes, cand_scores, group, group_sizes.clamp(max=config.pre_nms_top_k), config)
+    # Each image's detections best first, cut at top_k.
+    kept = kept[torch.sort(cand_scores[kept], descending=True, stable=True).indices]
     kept = kept[torch.sort(cand_images[kept], stable=True).indices]
     kept_images = cand_images[kept]
     counts = torch.bincount(kept_images, minlength=batch)

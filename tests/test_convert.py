@@ -70,9 +70,11 @@ class _FlatSSD300(nn.Module):
             ]
         )
         source_channels, boxes = [512, 1024, 512, 256, 256, 256], [4, 6, 6, 6, 4, 4]
-        self.loc = nn.ModuleList(nn.Conv2d(c, b * 4, 3, padding=1) for c, b in zip(source_channels, boxes))
+        self.loc = nn.ModuleList(
+            nn.Conv2d(c, b * 4, 3, padding=1) for c, b in zip(source_channels, boxes, strict=True)
+        )
         self.conf = nn.ModuleList(
-            nn.Conv2d(c, b * num_classes, 3, padding=1) for c, b in zip(source_channels, boxes)
+            nn.Conv2d(c, b * num_classes, 3, padding=1) for c, b in zip(source_channels, boxes, strict=True)
         )
         self.num_classes = num_classes
 
@@ -89,8 +91,12 @@ class _FlatSSD300(nn.Module):
             x = torch.relu(layer(x))
             if i % 2 == 1:
                 sources.append(x)
-        loc = torch.cat([h(s).permute(0, 2, 3, 1).flatten(1) for h, s in zip(self.loc, sources)], 1)
-        conf = torch.cat([h(s).permute(0, 2, 3, 1).flatten(1) for h, s in zip(self.conf, sources)], 1)
+        loc = torch.cat(
+            [h(s).permute(0, 2, 3, 1).flatten(1) for h, s in zip(self.loc, sources, strict=True)], 1
+        )
+        conf = torch.cat(
+            [h(s).permute(0, 2, 3, 1).flatten(1) for h, s in zip(self.conf, sources, strict=True)], 1
+        )
         return loc.view(x.shape[0], -1, 4), conf.view(x.shape[0], -1, self.num_classes)
 
 

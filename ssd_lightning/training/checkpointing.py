@@ -1,0 +1,85 @@
+"""Checkpoint plumbing: crash-safe writes, finding the last run's checkpoint, the W&B run id inside it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric.utilities.types import _PATH
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from ssd_lightning.training.module import WANDB_RUN_ID_KEY
+
+LAST_CHECKPOINT = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file in the same folder, then renames it over the target.
+
+    Lightning's own writer truncates the target first, so a process killed mid-save (pre-emption,
+    SIGKILL) would leave a corrupt `last.ckpt`; with a rename the previous checkpoint survives intact.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if "://" in str(path):  # remote file systems: no rename semantics to rely on
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"AtomicCheckpointIO does not take storage_options, got {storage_options!r}")
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            torch.save(checkpoint, partial)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+def find_last_checkpoint(search_dir: str | os.PathLike, exclude: str | os.PathLike | None = None) -> Path:
+    """The most recently written `last.ckpt` under `search_dir` (outside `exclude`, the current run)."""
+    root = Path(search_dir)
+    excluded = Path(exclude).resolve() if exclude is not None else None
+    candidates = [
+        path
+        for path in root.rglob(LAST_CHECKPOINT)
+        if excluded is None or not path.resolve().is_relative_to(excluded)
+    ]
+    if not candidates:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no {LAST_CHECKPOINT} under {root}; pass the checkpoint file instead, "
+            "e.g. ckpt_path=outputs/train/runs/<date>/checkpoints/last.ckpt"
+        )
+    return max(candidates, key=lambda path: path.stat().st_mtime)
+
+
+def resolve_checkpoint(
+    ckpt_path: str | None, search_dir: str | os.PathLike, current_run: str | os.PathLike
+) -> Path | None:
+    """`ckpt_path` from the config as a file: None stays None, `last` means the newest earlier last.ckpt."""
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) == "last":
+        return find_last_checkpoint(search_dir, exclude=current_run)
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path}: no such checkpoint file (looked at {path.resolve()})"
+        )
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A Lightning checkpoint of this project as a dict (on the CPU)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a truncated or foreign file: say which one
+        raise RuntimeError(f"cannot read checkpoint {path}: {error}") from error
+
+
+def wandb_run_id(checkpoint: dict[str, Any]) -> str | None:
+    """The W&B run id a checkpoint was written under, if it was trained with the W&B logger."""
+    return checkpoint.get(WANDB_RUN_ID_KEY)

@@ -1,0 +1,114 @@
+"""One evaluation pass: VOC07 / VOC2010+ AP (difficult-aware) and COCO-style mAP, in original image pixels."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.aggregation import SumMetric
+from torchmetrics.detection import MeanAveragePrecision
+
+from ssd_lightning.metrics import VOCMeanAveragePrecision
+
+# COCO's protocol scores at most 100 detections per image; passing more only makes torchmetrics warn.
+COCO_MAX_DETECTIONS = 100
+
+
+def to_pixels(boxes: Tensor, orig_size: Tensor) -> Tensor:
+    """Boxes xyxy normalised to [0, 1] -> pixels of an image of `orig_size` = (height, width)."""
+    height, width = orig_size.to(boxes.dtype).unbind(-1)
+    return boxes * torch.stack([width, height, width, height])
+
+
+def detections_in_pixels(
+    detections: Sequence[Mapping[str, Tensor]], targets: Sequence[Mapping[str, Tensor]]
+) -> tuple[list[dict[str, Tensor]], list[dict[str, Tensor]]]:
+    """Detections and ground truth of a batch, scaled to each image's original size (target["orig_size"])."""
+    preds, truths = [], []
+    for det, target in zip(detections, targets, strict=True):
+        orig_size = target["orig_size"]
+        preds.append(
+            {
+                "boxes": to_pixels(det["boxes"].float(), orig_size),
+                "scores": det["scores"].float(),
+                "labels": det["labels"],
+            }
+        )
+        boxes = target["boxes"]
+        difficult = target.get("difficult", torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device))
+        truths.append(
+            {"boxes": to_pixels(boxes.float(), orig_size), "labels": target["labels"], "difficult": difficult}
+        )
+    return preds, truths
+
+
+@dataclass
+class EvaluationResult:
+    """Scalars of one evaluation pass plus VOC07 AP per class name."""
+
+    map_voc07: float
+    map_voc12: float
+    map: float  # COCO mAP@[.5:.95]
+    map_50: float  # COCO mAP@.5
+    map_75: float
+    num_images: int  # over all processes: under DDP, the evaluation covered the whole split
+    per_class_ap_voc07: dict[str, float] = field(default_factory=dict)
+    per_class_ap_voc12: dict[str, float] = field(default_factory=dict)
+
+    def scalars(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items() if isinstance(v, (int, float))}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DetectionEvaluator(nn.Module):
+    """Accumulates a pass over a dataset; both metrics are torchmetrics `Metric`s, so DDP ranks are synced
+    when `compute()` runs."""
+
+    def __init__(self, class_names: Sequence[str]) -> None:
+        super().__init__()
+        self.class_names = list(class_names)
+        # Two instances because the metric reports per-class AP for its chosen protocol only.
+        self.voc07 = VOCMeanAveragePrecision(
+            iou_threshold=0.5, use_07_metric=True, class_names=self.class_names
+        )
+        self.voc12 = VOCMeanAveragePrecision(
+            iou_threshold=0.5, use_07_metric=False, class_names=self.class_names
+        )
+        self.coco = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+        self.images = SumMetric()
+
+    def update(self, preds: Sequence[Mapping[str, Tensor]], truths: Sequence[Mapping[str, Tensor]]) -> None:
+        """`preds`/`truths` as returned by `detections_in_pixels`."""
+        self.images.update(len(preds))
+        self.voc07.update(preds, truths)
+        self.voc12.update(preds, truths)
+        # COCO treats crowd boxes as "ignore" regions: the closest equivalent of VOC's difficult flag.
+        self.coco.update(
+            [{k: v[:COCO_MAX_DETECTIONS] for k, v in p.items()} for p in preds],
+            [{"boxes": t["boxes"], "labels": t["labels"], "iscrowd": t["difficult"].long()} for t in truths],
+        )
+
+    def compute(self) -> EvaluationResult:
+        voc07 = self.voc07.compute()
+        voc12 = self.voc12.compute()
+        coco = self.coco.compute()
+        return EvaluationResult(
+            map_voc07=float(voc07["map"]),
+            map_voc12=float(voc12["map"]),
+            map=float(coco["map"]),
+            map_50=float(coco["map_50"]),
+            map_75=float(coco["map_75"]),
+            num_images=int(self.images.compute()),
+            per_class_ap_voc07=self.voc07.per_class_ap(voc07),
+            per_class_ap_voc12=self.voc12.per_class_ap(voc12),
+        )
+
+    def reset(self) -> None:
+        self.images.reset()
+        self.voc07.reset()
+        self.voc12.reset()
+        self.coco.reset()

@@ -1,0 +1,207 @@
+"""SSDLitModule: train/val/predict steps, evaluation in original pixels, precision, checkpoints."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from ssd_lightning.data import collate_detection
+from ssd_lightning.training.evaluation import DetectionEvaluator, detections_in_pixels
+from ssd_lightning.training.module import SSDLitModule
+from ssd_lightning.training.optim import warmup_multistep
+
+CLASSES = ["cat", "dog", "bird"]
+SIZE = 64
+
+
+def make_module(**kwargs) -> SSDLitModule:
+    options = {
+        "class_names": CLASSES,
+        "net": {"arch": "compact", "size": SIZE, "width": 8},
+        "pixel_mean": [127.0, 127.0, 127.0],
+        "pixel_std": [64.0, 64.0, 64.0],
+        "optimizer": functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
+        "scheduler": functools.partial(warmup_multistep, milestones=[0.5], warmup_steps=1),
+        **kwargs,
+    }
+    return SSDLitModule(**options)
+
+
+def samples(count: int = 4) -> list[tuple[torch.Tensor, dict]]:
+    """Images with one or two boxes; original sizes differ per image, one object is difficult."""
+    generator = torch.Generator().manual_seed(0)
+    items = []
+    for index in range(count):
+        boxes = torch.tensor([[0.1, 0.2, 0.5, 0.7], [0.55, 0.1, 0.95, 0.45]])[: 1 + index % 2]
+        items.append(
+            (
+                torch.randn(3, SIZE, SIZE, generator=generator),
+                {
+                    "boxes": boxes,
+                    "labels": torch.tensor([1, 3])[: len(boxes)],
+                    "difficult": torch.tensor([False, index == 3])[: len(boxes)],
+                    "image_id": index,
+                    "orig_size": torch.tensor([200 + 10 * index, 300]),
+                },
+            )
+        )
+    return items
+
+
+def loader(count: int = 4) -> DataLoader:
+    return DataLoader(samples(count), batch_size=2, collate_fn=collate_detection)
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    options = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        **kwargs,
+    }
+    return pl.Trainer(**options)
+
+
+def perfect_detector(module: SSDLitModule, batches: list) -> None:
+    """Make `net.detect` return the ground truth of each batch in turn (with score 1)."""
+    truths = iter([t for _, targets in batches for t in targets])
+
+    def detect(loc, conf):
+        out = []
+        for _ in range(loc.shape[0]):
+            t = next(truths)
+            out.append({"boxes": t["boxes"], "scores": torch.ones(len(t["boxes"])), "labels": t["labels"]})
+        return out
+
+    module.net.detect = detect
+
+
+def test_fit_logs_losses_learning_rate_and_metrics() -> None:
+    module = make_module()
+    fit = trainer(max_steps=4, log_every_n_steps=1)
+    fit.fit(module, loader(), loader())
+    metrics = fit.callback_metrics
+    for key in (
+        "train/loss",
+        "train/loss_loc",
+        "train/loss_conf",
+        "val/loss",
+        "val/map_voc07",
+        "val/map_voc12",
+    ):
+        assert torch.isfinite(metrics[key]), key
+    assert {"val/map", "val/map_50", "val/map_75", "val/ap_voc07/cat", "val/ap_voc07/bird"} <= set(metrics)
+    assert metrics["train/loss"] == pytest.approx(
+        float(metrics["train/loss_loc"] + metrics["train/loss_conf"])
+    )
+    # lr after 4 steps: warmup done after 1, halved run (milestone 0.5 of 4 steps) -> 0.01 * 0.1
+    assert float(metrics["train/lr"]) == pytest.approx(0.001)
+    assert fit.global_step == 4
+
+
+def test_validation_scores_detections_in_original_pixels() -> None:
+    module = make_module()
+    perfect_detector(module, list(loader()))  # the loader does not shuffle: same batches again below
+    (result,) = trainer().validate(module, loader(), verbose=False)
+    assert result["val/map_voc07"] == pytest.approx(1.0)
+    assert result["val/map"] == pytest.approx(1.0)  # COCO's IoU 0.5:0.95 needs the boxes exact
+    assert module.last_evaluation.per_class_ap_voc07 == {
+        "cat": pytest.approx(1.0),
+        "bird": pytest.approx(1.0),
+    }
+
+
+def test_missing_a_difficult_object_costs_nothing() -> None:
+    evaluator = DetectionEvaluator(CLASSES)
+    targets = [t for _, t in samples()]
+    # Detect everything but the difficult object of image 3.
+    detections = [
+        {
+            "boxes": t["boxes"][~t["difficult"]],
+            "scores": torch.ones(int((~t["difficult"]).sum())),
+            "labels": t["labels"][~t["difficult"]],
+        }
+        for t in targets
+    ]
+    evaluator.update(*detections_in_pixels(detections, targets))
+    result = evaluator.compute()
+    assert (result.map_voc07, result.map_voc12) == (pytest.approx(1.0), pytest.approx(1.0))
+    assert result.map == pytest.approx(1.0)  # difficult objects are COCO "crowd" (ignored) regions
+
+
+def test_pixel_scaling_uses_height_then_width() -> None:
+    detections = [
+        {"boxes": torch.tensor([[0.1, 0.2, 0.5, 0.6]]), "scores": torch.ones(1), "labels": torch.ones(1)}
+    ]
+    target = {
+        "boxes": torch.tensor([[0.0, 0.0, 1.0, 1.0]]),
+        "labels": torch.ones(1, dtype=torch.long),
+        "orig_size": torch.tensor([200, 100]),
+    }
+    (pred,), (truth,) = detections_in_pixels(detections, [target])
+    assert pred["boxes"].tolist() == [pytest.approx([10.0, 40.0, 50.0, 120.0])]
+    assert truth["boxes"].tolist() == [[0.0, 0.0, 100.0, 200.0]] and truth["difficult"].tolist() == [False]
+
+
+def test_predict_step_gives_pixels_and_class_names() -> None:
+    module = make_module().eval()
+    images, targets = next(iter(loader()))
+    module.net.detect = lambda loc, conf: [
+        {
+            "boxes": torch.tensor([[0.5, 0.5, 1.0, 1.0]]),
+            "scores": torch.tensor([0.9]),
+            "labels": torch.tensor([2]),
+        }
+        for _ in range(loc.shape[0])
+    ]
+    first = module.predict_step((images, targets), 0)[0]
+    assert first["names"] == ["dog"] and first["image_id"] == 0
+    assert first["boxes"].tolist() == [[150.0, 100.0, 300.0, 200.0]]  # orig_size (200, 300)
+
+
+def test_bf16_mixed_precision_trains_on_cpu() -> None:
+    module = make_module()
+    fit = trainer(max_steps=2, precision="bf16-mixed", limit_val_batches=1)
+    fit.fit(module, loader(), loader())
+    assert torch.isfinite(fit.callback_metrics["train/loss"]) and torch.isfinite(
+        fit.callback_metrics["val/loss"]
+    )
+
+
+def test_channels_last_gives_the_same_outputs() -> None:
+    torch.manual_seed(0)
+    plain = make_module().eval()
+    fast = make_module(channels_last=True).eval()
+    fast.load_state_dict(plain.state_dict())
+    images = torch.randn(2, 3, SIZE, SIZE)
+    for a, b in zip(plain(images), fast(images), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_alone_rebuilds_the_module(tmp_path: Path) -> None:
+    module = make_module()
+    fit = trainer(max_steps=1, limit_val_batches=0)
+    fit.fit(module, loader())
+    fit.save_checkpoint(tmp_path / "model.ckpt")
+    # Only plain data in the hyper-parameters: loads even with torch's safe (weights-only) unpickler.
+    loaded = SSDLitModule.load_from_checkpoint(tmp_path / "model.ckpt", weights_only=True)
+    assert loaded.class_names == CLASSES and loaded.hparams.pixel_std == [64.0] * 3
+    images = torch.randn(2, 3, SIZE, SIZE)
+    for a, b in zip(module.eval()(images), loaded.eval()(images), strict=True):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match="without an optimizer"):
+        loaded.configure_optimizers()
+
+
+def test_num_classes_is_not_a_model_setting() -> None:
+    with pytest.raises(ValueError, match="follows the dataset"):
+        make_module(net={"arch": "compact", "size": SIZE, "num_classes": 5})

@@ -1,0 +1,82 @@
+"""A run killed with SIGKILL mid-epoch resumes from last.ckpt and ends after as many optimiser steps as an
+unbroken run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from training_helpers import PROJECT_ROOT, check_ok, run_script
+
+EPOCHS = 10
+STEPS_PER_EPOCH = 6  # 24 training images, batch 4
+
+
+def checkpoint_step(path: Path) -> int | None:
+    try:  # written atomically, so a file that exists is complete
+        return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_mid_epoch_then_resume(fast: list[str], tmp_path: Path) -> None:
+    args = [
+        *fast,
+        f"trainer.max_epochs={EPOCHS}",
+        f"trainer.check_val_every_n_epoch={EPOCHS}",
+        "callbacks.last_checkpoint.every_n_train_steps=2",
+        "test=false",
+        "logger=csv",
+    ]
+    first = tmp_path / "first"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "train.py"), *args, f"hydra.run.dir={first}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    last = first / "checkpoints" / "last.ckpt"
+    killed_at = None
+    try:
+        while process.poll() is None:
+            step = checkpoint_step(last)
+            # Mid-epoch, and well before the end of the run.
+            if step is not None and step >= 8 and step % STEPS_PER_EPOCH != 0:
+                process.send_signal(signal.SIGKILL)
+                killed_at = step
+                break
+            time.sleep(0.02)
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert killed_at is not None, f"the run ended before it could be killed:\n{process.stderr.read()}"
+    assert process.returncode == -signal.SIGKILL
+
+    second = tmp_path / "second"
+    stdout = check_ok(
+        run_script("train.py", [*args, f"ckpt_path={last}", f"hydra.run.dir={second}"], cwd=tmp_path)
+    )
+    assert "Final mAP" in stdout
+    metrics = json.loads((second / "metrics.json").read_text())
+    assert metrics["step"] == EPOCHS * STEPS_PER_EPOCH  # as many steps as an unbroken run
+
+    final = torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["global_step"] == EPOCHS * STEPS_PER_EPOCH and final["epoch"] == EPOCHS
+    # The schedule continued where it was: both milestones (0.67, 0.83 of the run) are behind it.
+    assert final["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(1e-3 * 0.01)
+    # The resumed process started at the killed step, it did not train from scratch.
+    with open(second / "csv" / "metrics.csv") as stream:
+        logged_steps = [int(row["step"]) for row in csv.DictReader(stream) if row.get("train/loss")]
+    assert min(logged_steps) >= killed_at

@@ -1,0 +1,128 @@
+"""The entry points end to end: train.py -> checkpoints + metrics, eval.py reproduces them, predict.py draws.
+Also SSD300 on real coco128 data through dataset=voc and dataset=coco."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from training_helpers import PROJECT_ROOT, check_ok, compose_config, run_script
+
+from ssd_lightning.cli.train import train
+
+
+@pytest.mark.timeout(900)
+def test_train_eval_predict_scripts(fast: list[str], shapes_root: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    stdout = check_ok(run_script("train.py", [*fast, f"hydra.run.dir={run_dir}"], cwd=tmp_path))
+    assert "Final mAP" in stdout and "mAP VOC07" in stdout and "ellipse" in stdout  # per-class table
+    checkpoints = run_dir / "checkpoints"
+    (best,) = checkpoints.glob("best-*.ckpt")
+    assert (checkpoints / "last.ckpt").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"val/map", "val/map_50", "val/map_voc07", "test/map_voc07", "train/loss"} <= set(metrics)
+    # 24 images / batch 4 = 6 steps per epoch, 2 epochs; last.ckpt holds the end of training.
+    assert metrics["step"] == 12 == torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"]
+
+    # eval.py on the last checkpoint's validation split: the mAP the training run logged for it.
+    out_json = tmp_path / "eval.json"
+    dataset_args = [a for a in fast if a.startswith("dataset.")]
+    stdout = check_ok(
+        run_script(
+            "eval.py",
+            [
+                f"ckpt_path={checkpoints / 'last.ckpt'}",
+                "split=val",
+                f"output_json={out_json}",
+                *dataset_args,
+                f"hydra.run.dir={tmp_path / 'eval'}",
+            ],
+            cwd=tmp_path,
+        )
+    )
+    assert "mAP VOC2010+" in stdout and "mAP COCO" in stdout
+    evaluated = json.loads(out_json.read_text())
+    assert evaluated["map_voc07"] == pytest.approx(metrics["val/map_voc07"], abs=1e-3)
+    assert evaluated["map"] == pytest.approx(metrics["val/map"], abs=1e-3)
+    assert set(evaluated["per_class_ap_voc07"]) <= {"ellipse", "rectangle", "triangle", "star", "cross"}
+
+    # predict.py on a folder of two images: drawn copies and COCO-format results in pixels.
+    images = tmp_path / "images"
+    images.mkdir()
+    jpegs = sorted((shapes_root / "VOCshapes" / "JPEGImages").glob("test_*.jpg"))[:2]
+    for jpeg in jpegs:
+        shutil.copy(jpeg, images / jpeg.name)
+    predict_dir = tmp_path / "predict"
+    check_ok(
+        run_script(
+            "predict.py",
+            [
+                f"ckpt_path={checkpoints / 'last.ckpt'}",
+                f"input={images}",
+                "draw_min_score=0.05",
+                f"hydra.run.dir={predict_dir}",
+                "trainer.enable_progress_bar=false",
+            ],
+            cwd=tmp_path,
+        )
+    )
+    assert sorted(p.name for p in (predict_dir / "images").glob("*.jpg")) == sorted(j.name for j in jpegs)
+    results = json.loads((predict_dir / "detections.json").read_text())
+    assert results, "an untrained-ish model still outputs low-score detections"
+    assert {r["category_id"] for r in results} <= {1, 2, 3, 4, 5}
+    assert all(r["bbox"][0] >= -1 and r["bbox"][2] > 0 and 0 < r["score"] <= 1 for r in results)
+    assert set(json.loads((predict_dir / "image_ids.json").read_text())) == {
+        str(images / j.name) for j in jpegs
+    }
+
+
+def test_resume_last_finds_the_newest_run(fast: list[str], tmp_path: Path) -> None:
+    common = [*fast, "trainer.max_epochs=1", "test=false"]
+    first = compose_config("train", common, tmp_path / "outputs" / "train" / "runs" / "first")
+    train(first)
+    # `ckpt_path=last` continues from it: the fit starts at its step and runs one more epoch.
+    second = compose_config("train", [*common, "trainer.max_epochs=2", "ckpt_path=last"], tmp_path / "second")
+    second.paths.log_dir = str(tmp_path / "outputs")
+    assert train(second)["step"] == 12
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("dataset", ["voc", "coco"])
+def test_ssd300_on_coco128(dataset: str, coco128_root: Path, tmp_path: Path) -> None:
+    overrides = [
+        "model=ssd300",
+        "model.backbone_weights=null",  # no download in CI
+        f"dataset={dataset}",
+        f"dataset.root={coco128_root / dataset}",
+        "dataset.batch_size=2",
+        "dataset.num_workers=0",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        "trainer.max_steps=3",
+        "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=1",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.val_check_interval=3",
+        "trainer.check_val_every_n_epoch=null",
+        "trainer.enable_progress_bar=false",
+        "callbacks.progress_bar=null",
+    ]
+    if dataset == "coco":
+        overrides += ["dataset.val_split=train2017"]
+    else:
+        overrides += ["dataset.train_sets=[[2007,train]]", "dataset.val_sets=[[2007,val]]"]
+    metrics = train(compose_config("train", overrides, tmp_path))
+    assert metrics["step"] == 3
+    for key in ("train/loss", "val/map_voc07", "val/map", "test/map_voc07"):
+        assert key in metrics and metrics[key] == metrics[key], key  # logged and not NaN
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_scripts_are_thin() -> None:
+    for script in ("train.py", "eval.py", "predict.py"):
+        source = (PROJECT_ROOT / script).read_text()
+        assert f"from ssd_lightning.cli.{script[:-3]} import main" in source and len(source.splitlines()) < 10

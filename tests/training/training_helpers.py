@@ -1,0 +1,59 @@
+"""Functions shared by the training tests: composing the real conf/ tree and running the scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from ssd_lightning.cli.common import CONF_DIR, HYDRA_VERSION_BASE
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def compose_config(config_name: str, overrides: Sequence[str], output_dir: Path | None = None) -> DictConfig:
+    """`conf/<config_name>.yaml` with `overrides`, as `@hydra.main` would see it, writing to `output_dir`."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=HYDRA_VERSION_BASE):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # `${hydra:...}` interpolations resolve against it
+    with open_dict(cfg):
+        del cfg.hydra
+        if output_dir is not None:
+            cfg.paths.output_dir = str(output_dir)
+            cfg.paths.log_dir = str(output_dir.parent / "outputs")
+    return cfg
+
+
+def run_script(
+    script: str, args: Sequence[str], cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python <script> <args>` from the project root, offline and CPU-only; fails the test on error."""
+    full_env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "CUDA_VISIBLE_DEVICES": "",
+        "HYDRA_FULL_ERROR": "1",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / script), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def check_ok(result: subprocess.CompletedProcess) -> str:
+    """stdout of a script run that must have succeeded (its output is shown when it did not)."""
+    output = f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+    assert result.returncode == 0, f"exit {result.returncode}\n{output}"
+    return result.stdout

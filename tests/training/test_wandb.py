@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -41,11 +42,22 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
     return records
 
 
+def finished_records(log: Path, timeout_s: float = 60.0) -> list[wandb_internal_pb2.Record]:
+    """The records once the run's closing `exit` record is on disk: W&B's writer is a separate process that
+    may still be flushing when `finish()` returns on a loaded machine."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = read_records(log)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
 def run_contents(run_dir: Path) -> tuple[dict, set[str]]:
     """(config, history keys) of an offline run folder."""
     (log,) = run_dir.glob("run-*.wandb")
     config, history = {}, set()
-    for record in read_records(log):
+    for record in finished_records(log):
         kind = record.WhichOneof("record_type")
         if kind == "config":
             config.update({item.key: json.loads(item.value_json) for item in record.config.update})

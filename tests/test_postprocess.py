@@ -42,9 +42,7 @@ def test_overlapping_boxes_of_different_classes_both_survive():
 
 
 def test_top_k_keeps_the_best_in_score_order():
-    conf = _logits(
-        [[[0.5, 0.5, 0.0], [0.4, 0.0, 0.6], [0.3, 0.7, 0.0], [0.2, 0.0, 0.8]]]
-    ).clamp(min=-30)
+    conf = _logits([[[0.5, 0.5, 0.0], [0.4, 0.0, 0.6], [0.3, 0.7, 0.0], [0.2, 0.0, 0.8]]]).clamp(min=-30)
     (result,) = _run(conf, DetectionConfig(top_k=2))
     torch.testing.assert_close(result["scores"], torch.tensor([0.8, 0.7]))
     assert result["labels"].tolist() == [2, 1]

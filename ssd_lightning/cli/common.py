@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
+from ssd_lightning.cli.preflight import check_accelerator
 from ssd_lightning.training.checkpointing import AtomicCheckpointIO
 from ssd_lightning.training.evaluation import EvaluationResult
 from ssd_lightning.training.module import SSDLitModule
@@ -25,9 +27,23 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 HYDRA_VERSION_BASE = "1.3"
 
 
+def instantiate_plainly(node: DictConfig, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, but our own input errors reach the user as written.
+
+    Hydra wraps every constructor error in an `InstantiationException` holding the `repr` of the original,
+    which turns a multi-line DatasetError into one escaped line; a ValueError of ours is re-raised as is.
+    """
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ValueError):
+            raise error.__cause__ from None
+        raise
+
+
 def instantiate_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     """The DataModule of `cfg.dataset`, checked against the model's input size."""
-    datamodule = instantiate(cfg.dataset)
+    datamodule = instantiate_plainly(cfg.dataset)
     if int(datamodule.image_size) != int(cfg.model.image_size):
         raise ValueError(
             f"dataset.image_size={datamodule.image_size} but the model takes {cfg.model.image_size}px input "
@@ -72,7 +88,7 @@ def _entries(group: DictConfig | None, kind: str) -> list[tuple[str, DictConfig]
 
 
 def instantiate_callbacks(group: DictConfig | None) -> list[pl.Callback]:
-    return [instantiate(entry) for _, entry in _entries(group, "callbacks")]
+    return [instantiate_plainly(entry) for _, entry in _entries(group, "callbacks")]
 
 
 def instantiate_loggers(group: DictConfig | None, wandb_run_id: str | None = None) -> list[Logger]:
@@ -81,14 +97,15 @@ def instantiate_loggers(group: DictConfig | None, wandb_run_id: str | None = Non
     for _, entry in _entries(group, "logger"):
         if wandb_run_id and entry._target_.endswith("WandbLogger") and not entry.get("id"):
             log.info("Continuing W&B run %s", wandb_run_id)
-            loggers.append(instantiate(entry, id=wandb_run_id, resume="allow"))
+            loggers.append(instantiate_plainly(entry, id=wandb_run_id, resume="allow"))
         else:
-            loggers.append(instantiate(entry))
+            loggers.append(instantiate_plainly(entry))
     return loggers
 
 
 def build_trainer(trainer_cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Logger]) -> pl.Trainer:
-    return instantiate(
+    check_accelerator(trainer_cfg)
+    return instantiate_plainly(
         trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
 

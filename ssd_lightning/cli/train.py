@@ -25,6 +25,7 @@ from ssd_lightning.cli.common import (
     report,
     write_json,
 )
+from ssd_lightning.cli.preflight import check_accelerator, check_resume_compatible, check_wandb_login
 from ssd_lightning.training.checkpointing import (
     load_checkpoint,
     resolve_checkpoint,
@@ -67,6 +68,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
+    check_accelerator(cfg.trainer)
+    check_wandb_login(cfg.get("logger"))
     ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name, output_dir)
 
     datamodule = instantiate_datamodule(cfg)
@@ -74,8 +77,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_id = None
     if ckpt_path is None:
         _initialise_weights(cfg, module)
-    elif cfg.get("logger"):
-        run_id = wandb_run_id(load_checkpoint(ckpt_path))
+    else:
+        checkpoint = load_checkpoint(ckpt_path)
+        check_resume_compatible(checkpoint, module, ckpt_path)
+        run_id = wandb_run_id(checkpoint)
+        del checkpoint  # Lightning reads it again with the training state
     loggers = instantiate_loggers(cfg.get("logger"), wandb_run_id=run_id)
     try:
         trainer = build_trainer(cfg.trainer, instantiate_callbacks(cfg.get("callbacks")), loggers)

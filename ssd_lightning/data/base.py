@@ -53,7 +53,7 @@ class Problem:
 class DatasetError(ValueError):
     """A dataset has problems that must be fixed before training; ``problems`` lists all of them."""
 
-    def __init__(self, context: str, problems: Sequence[Problem] = ()):
+    def __init__(self, context: str, problems: Sequence[Problem] = (), hint: str | None = None):
         self.context = context
         self.problems = list(problems)
         if not self.problems:  # rebuilt from its message alone, e.g. when re-raised from a DataLoader worker
@@ -62,11 +62,13 @@ class DatasetError(ValueError):
         lines = [f"  {p}" for p in self.problems[:_MAX_LISTED]]
         if len(self.problems) > _MAX_LISTED:
             lines.append(f"  ... and {len(self.problems) - _MAX_LISTED} more")
+        if hint is None:
+            hint = (
+                "List them all with `python -m ssd_lightning.data.check dataset=... dataset.root=...`,"
+                " or set dataset.skip_bad_samples=true to skip these images."
+            )
         super().__init__(
-            f"{context}: {len(self.problems)} problem(s) in the data:\n"
-            + "\n".join(lines)
-            + "\nList them all with `python -m ssd_lightning.data.check dataset=... dataset.root=...`,"
-            " or set dataset.skip_bad_samples=true to skip these images."
+            f"{context}: {len(self.problems)} problem(s) in the data:\n" + "\n".join(lines) + "\n" + hint
         )
 
 

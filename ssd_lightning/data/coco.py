@@ -14,11 +14,23 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from .base import DatasetError, DetectionDataset, ImageRecord, Problem, Transform, log
+from .layout import root_error
 
 
 def coco_annotation_file(root: str | os.PathLike, split: str) -> Path:
     """Where the COCO annotations of ``split`` live under ``root``."""
     return Path(root) / "annotations" / f"instances_{split}.json"
+
+
+def check_coco_root(root: str | os.PathLike, splits: Sequence[str], name: str = "coco") -> None:
+    """Raise a :class:`DatasetError` suggesting the right folder unless ``root`` holds COCO annotations."""
+
+    def holds_coco(path: Path) -> bool:
+        return any(coco_annotation_file(path, split).is_file() for split in splits)
+
+    if not holds_coco(Path(root)):
+        files = " or ".join(f"annotations/instances_{split}.json" for split in dict.fromkeys(splits))
+        raise root_error(name, root, files, holds_coco, note="annotations/ beside the image folders")
 
 
 def read_coco_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -95,8 +107,8 @@ class COCODetection(DetectionDataset):
         name = f"coco {split}"
         ann_file = coco_annotation_file(root, split)
         image_dir = root / split
-        if not root.is_dir():
-            raise DatasetError(name, [Problem(str(root), "dataset root does not exist or is not a folder")])
+        if not (root / "annotations").is_dir():  # the wrong folder (a missing file is named below)
+            check_coco_root(root, [split], name)
         if not image_dir.is_dir():
             raise DatasetError(name, [Problem(str(image_dir), "image folder is missing")])
         data = read_coco_json(ann_file)

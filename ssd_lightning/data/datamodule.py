@@ -14,10 +14,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from .base import DatasetError, DetectionDataset, ImageFolderDataset, Problem, Target
-from .coco import COCODetection, coco_annotation_file, read_coco_json, resolve_coco_classes
+from .coco import COCODetection, check_coco_root, coco_annotation_file, read_coco_json, resolve_coco_classes
 from .shapes import SHAPE_CLASSES, default_shapes_root, ensure_shapes_dataset
 from .transforms import DetectionTransform, build_eval_transform, build_train_transform
-from .voc import VOC_CLASSES, VOCDetection, read_class_file, voc_folder
+from .voc import VOC_CLASSES, VOCDetection, check_voc_root, read_class_file, voc_folder
 
 FORMATS = ("shapes", "voc", "coco")
 SPLITS = ("train", "val", "test")
@@ -138,10 +138,6 @@ class DetectionDataModule(pl.LightningDataModule):
         if root is None:
             raise ValueError(f"dataset.root is required for format {format!r} (the folder holding the data)")
         self.root = Path(root)
-        if format != "shapes" and not self.root.is_dir():
-            raise DatasetError(
-                self.name, [Problem(str(self.root), "dataset root does not exist or is not a folder")]
-            )
         self.image_size = int(image_size)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
@@ -165,6 +161,11 @@ class DetectionDataModule(pl.LightningDataModule):
         }
         self.coco_splits = {split: given_splits[split] or _COCO_DEFAULT_SPLITS[split] for split in SPLITS}
         self.coco_splits["test"] = self.coco_splits["test"] or self.coco_splits["val"]
+        if format == "voc":
+            years = [year for sets in self.image_sets.values() for year, _ in sets]
+            check_voc_root(self.root, years, self.name)
+        elif format == "coco":
+            check_coco_root(self.root, list(self.coco_splits.values()), self.name)
         self.label_to_category_id: dict[int, int] | None = None
         self.classes = self._resolve_classes(classes)
         # built once here only to fail early on a misspelt augmentation key

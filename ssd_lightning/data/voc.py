@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import DatasetError, DetectionDataset, ImageRecord, Problem, Transform, log
+from .layout import root_error
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -25,6 +26,17 @@ ImageSet = tuple[str | int, str]
 def voc_folder(root: str | os.PathLike, year: str | int) -> Path:
     """The folder of one VOC year (or any named VOC-layout part, e.g. ``shapes``) under ``root``."""
     return Path(root) / f"VOC{year}"
+
+
+def check_voc_root(root: str | os.PathLike, years: Sequence[str | int], name: str = "voc") -> None:
+    """Raise a :class:`DatasetError` suggesting the right folder unless ``root`` holds a VOC<year> folder."""
+
+    def holds_voc(path: Path) -> bool:
+        return any((voc_folder(path, year) / "Annotations").is_dir() for year in years)
+
+    if not holds_voc(Path(root)):
+        folders = " or ".join(f"VOC{year}/" for year in sorted({str(y) for y in years}))
+        raise root_error(name, root, folders, holds_voc, note="VOCdevkit/ of the official tarballs")
 
 
 def read_class_file(path: str | os.PathLike) -> list[str]:
@@ -130,16 +142,11 @@ class VOCDetection(DetectionDataset):
         root = Path(root)
         image_sets = [(year, str(image_set)) for year, image_set in image_sets]
         name = "voc " + " + ".join(f"{year}/{image_set}" for year, image_set in image_sets)
-        if not root.is_dir():
-            raise DatasetError(name, [Problem(str(root), "dataset root does not exist or is not a folder")])
+        check_voc_root(root, [year for year, _ in image_sets], name)
         class_to_label = {c: i for i, c in enumerate(classes, start=1)}
         present = [(year, image_set) for year, image_set in image_sets if voc_folder(root, year).is_dir()]
         for year, _ in sorted(set(image_sets) - set(present), key=str):
             log.warning("%s: %s not found, skipping year %s", name, voc_folder(root, year), year)
-        if not present:
-            expected = ", ".join(sorted({voc_folder(root, y).name for y, _ in image_sets}))
-            message = f"holds none of {expected} (dataset.root must be the folder holding them: VOCdevkit)"
-            raise DatasetError(name, [Problem(str(root), message)])
 
         records: list[ImageRecord] = []
         problems: list[Problem] = []

@@ -102,11 +102,11 @@ def test_ssd300_on_coco128(dataset: str, coco128_root: Path, tmp_path: Path) -> 
         "dataset.num_workers=0",
         "trainer.accelerator=cpu",
         "trainer.devices=1",
-        "trainer.max_steps=3",
-        "trainer.limit_val_batches=2",
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1",
         "trainer.num_sanity_val_steps=0",
-        "trainer.val_check_interval=3",
+        "trainer.val_check_interval=2",
         "trainer.check_val_every_n_epoch=null",
         "trainer.enable_progress_bar=false",
         "callbacks.progress_bar=null",
@@ -116,7 +116,7 @@ def test_ssd300_on_coco128(dataset: str, coco128_root: Path, tmp_path: Path) -> 
     else:
         overrides += ["dataset.train_sets=[[2007,train]]", "dataset.val_sets=[[2007,val]]"]
     metrics = train(compose_config("train", overrides, tmp_path))
-    assert metrics["step"] == 3
+    assert metrics["step"] == 2
     for key in ("train/loss", "val/map_voc07", "val/map", "test/map_voc07"):
         assert key in metrics and metrics[key] == metrics[key], key  # logged and not NaN
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

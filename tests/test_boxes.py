@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torchvision.ops import box_iou
 
 from ssd_lightning.boxes import (
     cxcywh_to_xyxy,
@@ -9,6 +10,7 @@ from ssd_lightning.boxes import (
     encode,
     match_priors,
     pad_targets,
+    prior_iou,
     xyxy_to_cxcywh,
 )
 
@@ -98,3 +100,44 @@ def test_empty_targets_are_background_and_batches_do_not_mix():
 def test_pad_targets_rejects_mismatched_lists():
     with pytest.raises(ValueError, match="label tensors"):
         pad_targets([torch.zeros(0, 4)], [])
+
+
+def _random_xyxy(count: int, generator: torch.Generator) -> torch.Tensor:
+    centres = torch.rand(count, 2, generator=generator)
+    sizes = torch.rand(count, 2, generator=generator) * 0.6 + 0.01
+    return cxcywh_to_xyxy(torch.cat([centres, sizes], dim=1))
+
+
+def test_prior_iou_equals_torchvision_box_iou():
+    generator = torch.Generator().manual_seed(1)
+    boxes, priors = _random_xyxy(37, generator), _random_xyxy(500, generator)
+    disjoint = torch.tensor([[2.0, 2.0, 3.0, 3.0]])  # overlaps nothing: IoU exactly 0
+    boxes = torch.cat([boxes, disjoint])
+    torch.testing.assert_close(prior_iou(boxes, priors), box_iou(boxes, priors), atol=1e-7, rtol=0)
+    assert prior_iou(boxes, priors)[-1].eq(0).all()
+
+
+def _match_one_image(boxes: torch.Tensor, labels: torch.Tensor, priors: torch.Tensor, threshold: float):
+    """The SSD rule for one image, written plainly: threshold match, then each box forces its best prior."""
+    iou = box_iou(boxes, priors)
+    best_iou, best_gt = iou.max(dim=0)
+    for gt in range(len(boxes)):  # in order, so a later box wins a prior two boxes claim
+        prior = int(iou[gt].argmax())
+        best_gt[prior], best_iou[prior] = gt, 2.0
+    matched_labels = torch.where(best_iou >= threshold, labels[best_gt], torch.zeros_like(best_gt))
+    return matched_labels, boxes[best_gt]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_batched_matching_equals_the_per_image_rule(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    priors = _random_xyxy(300, generator)
+    counts = [int(n) for n in torch.randint(1, 12, (6,), generator=generator)]
+    boxes = [_random_xyxy(n, generator) for n in counts]
+    boxes[2] = torch.cat([boxes[2], boxes[2][:1]])  # two boxes with the same best prior
+    labels = [torch.randint(1, 21, (len(b),), generator=generator) for b in boxes]
+    result = match_priors(pad_targets(boxes, labels), priors, 0.5)
+    for image, (image_boxes, image_labels) in enumerate(zip(boxes, labels, strict=True)):
+        expected_labels, expected_boxes = _match_one_image(image_boxes, image_labels, priors, 0.5)
+        torch.testing.assert_close(result.labels[image], expected_labels)
+        torch.testing.assert_close(result.boxes[image], expected_boxes)

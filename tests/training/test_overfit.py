@@ -1,5 +1,6 @@
-"""The compact model memorises a handful of real coco128 photos (VOC07 mAP >= 0.9 on them), and eval.py
-reproduces the validation mAP of the checkpoint it saved."""
+"""The compact model memorises a handful of real coco128 photos (VOC07 mAP >= 0.9 on them), eval.py
+reproduces the validation mAP of the checkpoint it saved, and the bf16-mixed fast path detects the same
+objects as fp32 (the tolerances README's Performance section states)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig
+from torchvision.ops import box_iou
 from training_helpers import compose_config
 
-from ssd_lightning.cli.eval import evaluate
+from ssd_lightning.cli.common import instantiate_datamodule
+from ssd_lightning.cli.eval import evaluate, load_for_inference
 from ssd_lightning.cli.train import train
+from ssd_lightning.training.module import SSDLitModule
 
 HANDFUL = 6  # images: the first batch of coco128's VOC "val" list, used for training and validation
 STEPS = 80
+# bf16-mixed vs fp32 on the same trained weights: mAP within this, and every confident fp32 detection
+# found again by bf16 (same class, IoU >= BF16_MIN_IOU).
+BF16_MAP_TOLERANCE = 0.02
+BF16_MIN_IOU = 0.9
+CONFIDENT = 0.5
 
 
 def handful_overrides(coco128: Path) -> list[str]:
@@ -70,3 +80,38 @@ def test_overfit_a_handful_of_coco128_images(coco128_root: Path, tmp_path: Path)
     written = json.loads(Path(eval_cfg.output_json).read_text())
     assert written["map_voc07"] == result.map_voc07 and written["split"] == "val"
     assert set(written["per_class_ap_voc07"]) <= set(cfg.dataset.classes)
+
+    bf16_cfg = compose_config(
+        "eval",
+        [
+            *handful_overrides(coco128_root),
+            f"ckpt_path={best}",
+            "split=val",
+            "trainer.limit_val_batches=1",
+            "trainer.precision=bf16-mixed",
+        ],
+        tmp_path / "eval_bf16",
+    )
+    assert evaluate(bf16_cfg).map_voc07 == pytest.approx(result.map_voc07, abs=BF16_MAP_TOLERANCE)
+    assert_bf16_detections_match(load_for_inference(eval_cfg), eval_cfg)
+
+
+def assert_bf16_detections_match(module: SSDLitModule, cfg: DictConfig) -> None:
+    datamodule = instantiate_datamodule(cfg)
+    datamodule.setup("validate")
+    images, _ = next(iter(datamodule.val_dataloader()))
+    module.eval()
+    with torch.inference_mode():
+        fp32 = module.net.detect(*module._predict(images))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = module.net.detect(*module._predict(images))
+    confident = 0
+    for ours, fast in zip(fp32, bf16, strict=True):
+        for box, label, score in zip(ours["boxes"], ours["labels"], ours["scores"], strict=True):
+            if score < CONFIDENT:
+                continue
+            confident += 1
+            same_class = fast["boxes"][fast["labels"] == label]
+            assert len(same_class), f"bf16 lost a class-{int(label)} detection (score {score:.2f})"
+            assert box_iou(box[None], same_class).max() >= BF16_MIN_IOU
+    assert confident >= HANDFUL  # the trained model is confident about most objects

@@ -29,20 +29,26 @@ def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     return box_convert(boxes, in_fmt="xyxy", out_fmt="cxcywh")
 
 
+# encode/decode do their own centre-size arithmetic: box_convert's unbind + stack on [B, P, 4] tensors
+# costs more than the rest of the coding together, and these run on every prior of every batch.
+
+
 def encode(boxes: Tensor, priors: Tensor, variances: Variances = DEFAULT_VARIANCES) -> Tensor:
     """Offsets of xyxy `boxes` [..., P, 4] relative to cxcywh `priors` [P, 4], scaled by the variances."""
-    centre_size = xyxy_to_cxcywh(boxes)
-    centre = (centre_size[..., :2] - priors[:, :2]) / (variances[0] * priors[:, 2:])
+    top_left, bottom_right = boxes[..., :2], boxes[..., 2:]
+    prior_centre, prior_size = priors[:, :2], priors[:, 2:]
+    centre = ((top_left + bottom_right) * 0.5 - prior_centre) / (prior_size * variances[0])
     # Matched boxes of zero size only occur for background priors, whose offsets the loss ignores.
-    size = torch.log(centre_size[..., 2:].clamp(min=1e-8) / priors[:, 2:]) / variances[1]
+    size = torch.log((bottom_right - top_left).clamp(min=1e-8) / prior_size) / variances[1]
     return torch.cat([centre, size], dim=-1)
 
 
 def decode(offsets: Tensor, priors: Tensor, variances: Variances = DEFAULT_VARIANCES) -> Tensor:
     """Inverse of `encode`: offsets [..., P, 4] -> xyxy boxes [..., P, 4] in the priors' units."""
-    centre = priors[:, :2] + offsets[..., :2] * variances[0] * priors[:, 2:]
-    size = priors[:, 2:] * torch.exp(offsets[..., 2:] * variances[1])
-    return cxcywh_to_xyxy(torch.cat([centre, size], dim=-1))
+    prior_centre, prior_size = priors[:, :2], priors[:, 2:]
+    centre = offsets[..., :2] * (prior_size * variances[0]) + prior_centre
+    half_size = torch.exp(offsets[..., 2:] * variances[1]) * (prior_size * 0.5)
+    return torch.cat([centre - half_size, centre + half_size], dim=-1)
 
 
 class PaddedTargets(NamedTuple):

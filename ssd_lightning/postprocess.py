@@ -64,7 +64,6 @@ def detect(
     """
     config = config or DetectionConfig()
     batch, _, num_classes = conf.shape
-    boxes = decode(loc.float(), priors.float(), variances).clamp(0.0, 1.0)  # [B, P, 4]
     scores = conf.float().softmax(dim=-1)[..., 1:].transpose(1, 2)  # [B, C-1, P]
 
     # Threshold first (a trained model leaves a few hundred candidates per class at most), then keep the
@@ -80,7 +79,10 @@ def detect(
     order = order[in_group_rank < config.pre_nms_top_k]
     cand_scores, cand_images, group = cand_scores[order], cand_images[order], group[order]
     cand_labels = group - cand_images * num_classes
-    cand_boxes = boxes[cand_images, cand_priors[order]]
+    cand_priors = cand_priors[order]
+    # Decode only the candidates' boxes: a few thousand rows instead of every prior of every image.
+    cand_boxes = decode(loc[cand_images, cand_priors].float(), priors[cand_priors].float(), variances)
+    cand_boxes = cand_boxes.clamp(0.0, 1.0)
 
     kept = _nms_by_group(cand_boxes, cand_scores, group, group_sizes.clamp(max=config.pre_nms_top_k), config)
     # Each image's detections best first, cut at top_k.

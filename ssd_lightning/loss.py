@@ -23,21 +23,31 @@ from ssd_lightning.boxes import (
 )
 
 
+def _static_shapes(static_shapes: bool | None, tensor: Tensor) -> bool:
+    """None means: static shapes on accelerators (no host sync), data-dependent ones on the CPU (faster)."""
+    return tensor.device.type != "cpu" if static_shapes is None else static_shapes
+
+
 def hard_negative_mask(
-    background_loss: Tensor, positives: Tensor, neg_pos_ratio: float, min_negatives: int
+    background_loss: Tensor,
+    positives: Tensor,
+    neg_pos_ratio: float,
+    min_negatives: int,
+    static_shapes: bool | None = None,
 ) -> Tensor:
     """Per image, the `neg_pos_ratio * num_positives` (at least `min_negatives`) negatives of highest loss.
 
     background_loss: [B, P] cross-entropy of each prior against the background class (positives ignored).
-    positives: [B, P] bool. Returns a [B, P] bool mask of the chosen negatives.
+    positives: [B, P] bool. Returns a [B, P] bool mask of the chosen negatives. `static_shapes`: see
+    `MultiBoxLoss`.
     """
     num_priors = positives.shape[1]
     num_pos = positives.sum(dim=1, keepdim=True)
     num_neg = (num_pos * neg_pos_ratio).long().clamp(min=min_negatives).clamp(max=num_priors - num_pos)
     candidate_loss = background_loss.masked_fill(positives, float("-inf"))
-    # One sort, its first num_neg entries of each row scattered into the mask (not a sort of the sort). On
-    # CPU, where the counts are already on the host, a top-k of the largest count is several times faster.
-    if candidate_loss.device.type == "cpu":
+    # One sort, its first num_neg entries of each row scattered into the mask (not a sort of the sort).
+    # Reading the largest count on the host allows a top-k instead, several times faster on a CPU.
+    if not _static_shapes(static_shapes, candidate_loss):
         order = candidate_loss.topk(max(int(num_neg.max()), 1), dim=1).indices
     else:
         order = candidate_loss.argsort(dim=1, descending=True)
@@ -51,6 +61,11 @@ class MultiBoxLoss(nn.Module):
     Returns `(loss_loc, loss_conf)`, each summed over the batch and divided by the number of matched
     (positive) priors in the batch; their sum is the paper's L (alpha = 1). An image without objects adds
     only its `min_negatives` hardest negatives; a batch without any positive gives a finite loss.
+
+    `static_shapes`: True computes with masks and fixed shapes only (no host synchronisation, what an
+    accelerator and CUDA graphs want); False selects the positive priors and the top-k negatives by their
+    counts (data-dependent shapes, about 1.7x faster on a CPU); None (default) picks by the device.
+    Both give the same losses and gradients.
     """
 
     def __init__(
@@ -60,6 +75,7 @@ class MultiBoxLoss(nn.Module):
         neg_pos_ratio: float = 3.0,
         variances: Variances = DEFAULT_VARIANCES,
         min_negatives: int | None = None,
+        static_shapes: bool | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
@@ -70,6 +86,7 @@ class MultiBoxLoss(nn.Module):
         self.variances = tuple(variances)
         # Negatives for an image with no positive: as many as one object would bring.
         self.min_negatives = int(neg_pos_ratio) if min_negatives is None else min_negatives
+        self.static_shapes = static_shapes
 
     def forward(
         self, loc: Tensor, conf: Tensor, priors: Tensor, targets: Sequence[Mapping[str, Tensor]]
@@ -89,18 +106,31 @@ class MultiBoxLoss(nn.Module):
         padded = pad_targets([t["boxes"] for t in targets], [t["labels"] for t in targets])
         with torch.no_grad():
             matched = match_priors(padded, cxcywh_to_xyxy(priors), self.iou_threshold)
-            loc_target = encode(matched.boxes, priors, self.variances)
         positives = matched.labels > 0
         num_pos = positives.sum().clamp(min=1).to(loc.dtype)
-
-        loc_loss = F.smooth_l1_loss(loc, loc_target.to(loc.dtype), reduction="none").sum(dim=-1)
-        loss_loc = (loc_loss * positives).sum() / num_pos
+        loss_loc = self._localisation_loss(loc, priors, matched.boxes, positives) / num_pos
 
         batch, num_priors, num_classes = conf.shape
         ce = F.cross_entropy(
             conf.reshape(-1, num_classes).float(), matched.labels.reshape(-1), reduction="none"
         ).reshape(batch, num_priors)
         # Unmatched priors have label 0, so their cross-entropy is already the background loss to rank by.
-        negatives = hard_negative_mask(ce.detach(), positives, self.neg_pos_ratio, self.min_negatives)
+        negatives = hard_negative_mask(
+            ce.detach(), positives, self.neg_pos_ratio, self.min_negatives, self.static_shapes
+        )
         loss_conf = (ce * (positives | negatives)).sum() / num_pos
         return loss_loc, loss_conf
+
+    def _localisation_loss(self, loc: Tensor, priors: Tensor, boxes: Tensor, positives: Tensor) -> Tensor:
+        """Smooth L1 between predicted and encoded matched boxes, summed over the positive priors."""
+        if not _static_shapes(self.static_shapes, loc):
+            # Encode and compare the ~1% positive priors only (on the CPU `nonzero` waits for nothing).
+            image, prior = positives.nonzero(as_tuple=True)
+            with torch.no_grad():
+                target = encode(boxes[image, prior], priors[prior], self.variances)
+            return F.smooth_l1_loss(loc[image, prior], target.to(loc.dtype), reduction="sum")
+        # Masks keep the shapes static: no host synchronisation.
+        with torch.no_grad():
+            target = encode(boxes, priors, self.variances)
+        loss = F.smooth_l1_loss(loc, target.to(loc.dtype), reduction="none").sum(dim=-1)
+        return (loss * positives).sum()

@@ -7,6 +7,7 @@ the (image, class) pair as the NMS group, so the cost does not grow with a Pytho
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -50,6 +51,49 @@ def _nms_by_group(
     return torch.cat(kept) if kept else group.new_zeros(0)
 
 
+class Candidates(NamedTuple):
+    """Per-class candidates before NMS, grouped by (image, class) in row-major order, best first in each."""
+
+    images: Tensor  # [K]
+    classes: Tensor  # [K] class index (label - 1)
+    priors: Tensor  # [K]
+    scores: Tensor  # [K]
+    group_sizes: Tensor  # [B * (C-1)] candidates per (image, class), in the same order
+
+
+def select_candidates(scores: Tensor, config: DetectionConfig, method: str = "auto") -> Candidates:
+    """Of `scores` [B, P, C-1], per (image, class) the `pre_nms_top_k` best above `score_threshold`.
+
+    "threshold" thresholds first and sorts the survivors (cheap for a trained model, which leaves a few
+    hundred per class); "top_k" takes each class's top-k first (bounded cost when an untrained model lets
+    every prior through); "auto" picks by the number of survivors. Both select the same candidates.
+    """
+    if method not in ("auto", "threshold", "top_k"):
+        raise ValueError(f"method must be auto, threshold or top_k, got {method!r}")
+    batch, num_priors, num_foreground = scores.shape
+    if method != "top_k":
+        images, priors, classes = (scores > config.score_threshold).nonzero(as_tuple=True)
+        if method == "auto" and len(images) > batch * num_foreground * config.pre_nms_top_k // 4:
+            method = "top_k"  # sorting that many would cost more than a top-k of every class
+    if method == "top_k":
+        top_scores, top_priors = scores.topk(min(config.pre_nms_top_k, num_priors), dim=1)  # [B, k, C-1]
+        top_scores, top_priors = top_scores.transpose(1, 2), top_priors.transpose(1, 2)  # [B, C-1, k]
+        keep = top_scores > config.score_threshold
+        images, classes, _ = keep.nonzero(as_tuple=True)
+        return Candidates(images, classes, top_priors[keep], top_scores[keep], keep.sum(dim=2).flatten())
+    group = images * num_foreground + classes
+    order = scores[images, priors, classes].argsort(descending=True)
+    order = order[group[order].argsort(stable=True)]  # by group, best first within each
+    group_sizes = torch.bincount(group, minlength=batch * num_foreground)
+    group_starts = group_sizes.cumsum(0) - group_sizes
+    in_group_rank = torch.arange(len(order), device=scores.device) - group_starts[group[order]]
+    order = order[in_group_rank < config.pre_nms_top_k]
+    images, priors, classes = images[order], priors[order], classes[order]
+    return Candidates(
+        images, classes, priors, scores[images, priors, classes], group_sizes.clamp(max=config.pre_nms_top_k)
+    )
+
+
 def detect(
     loc: Tensor,
     conf: Tensor,
@@ -64,27 +108,18 @@ def detect(
     """
     config = config or DetectionConfig()
     batch, _, num_classes = conf.shape
-    scores = conf.float().softmax(dim=-1)[..., 1:].transpose(1, 2)  # [B, C-1, P]
-
-    # Threshold first (a trained model leaves a few hundred candidates per class at most), then keep the
-    # `pre_nms_top_k` best of each (image, class): cheaper than a top-k over every prior of every class.
-    cand_images, cand_classes, cand_priors = (scores > config.score_threshold).nonzero(as_tuple=True)
-    cand_scores = scores[cand_images, cand_classes, cand_priors]
-    group = cand_images * num_classes + cand_classes + 1  # (image, label); label = class index + 1
-    order = cand_scores.argsort(descending=True)
-    order = order[group[order].argsort(stable=True)]  # by group, best first within each
-    group_sizes = torch.bincount(group, minlength=batch * num_classes)
-    group_starts = group_sizes.cumsum(0) - group_sizes
-    in_group_rank = torch.arange(len(order), device=conf.device) - group_starts[group[order]]
-    order = order[in_group_rank < config.pre_nms_top_k]
-    cand_scores, cand_images, group = cand_scores[order], cand_images[order], group[order]
-    cand_labels = group - cand_images * num_classes
-    cand_priors = cand_priors[order]
+    scores = conf.float().softmax(dim=-1)[..., 1:]  # [B, P, C-1]
+    candidates = select_candidates(scores, config)
+    cand_images, cand_scores = candidates.images, candidates.scores
+    cand_labels = candidates.classes + 1
+    group = cand_images * (num_classes - 1) + candidates.classes
     # Decode only the candidates' boxes: a few thousand rows instead of every prior of every image.
-    cand_boxes = decode(loc[cand_images, cand_priors].float(), priors[cand_priors].float(), variances)
+    cand_boxes = decode(
+        loc[cand_images, candidates.priors].float(), priors[candidates.priors].float(), variances
+    )
     cand_boxes = cand_boxes.clamp(0.0, 1.0)
 
-    kept = _nms_by_group(cand_boxes, cand_scores, group, group_sizes.clamp(max=config.pre_nms_top_k), config)
+    kept = _nms_by_group(cand_boxes, cand_scores, group, candidates.group_sizes, config)
     # Each image's detections best first, cut at top_k.
     kept = kept[torch.sort(cand_scores[kept], descending=True, stable=True).indices]
     kept = kept[torch.sort(cand_images[kept], stable=True).indices]

@@ -3,8 +3,9 @@ import math
 import pytest
 import torch
 
-from ssd_lightning.boxes import encode
+from ssd_lightning.boxes import cxcywh_to_xyxy, encode
 from ssd_lightning.loss import MultiBoxLoss, hard_negative_mask
+from ssd_lightning.priors import generate_priors, prior_preset
 
 # Eight 0.1-wide priors in a row; only prior 0 overlaps the object below.
 PRIORS = torch.tensor([[0.05 + 0.1 * i, 0.5, 0.1, 0.1] for i in range(8)])
@@ -96,3 +97,28 @@ def test_shape_errors_are_clear():
         criterion(torch.zeros(2, 8, 4), torch.zeros(2, 8, 2), PRIORS, [OBJECT])
     with pytest.raises(ValueError, match="background"):
         MultiBoxLoss(num_classes=1)
+
+
+def _random_boxes(count, generator):
+    centres = torch.rand(count, 2, generator=generator) * 0.6 + 0.2
+    sizes = torch.rand(count, 2, generator=generator) * 0.3 + 0.05
+    return cxcywh_to_xyxy(torch.cat([centres, sizes], dim=1))
+
+
+def test_static_and_data_dependent_shapes_give_the_same_losses_and_gradients():
+    generator = torch.Generator().manual_seed(3)
+    priors = generate_priors(prior_preset(300, "voc"))
+    targets = [
+        {"boxes": boxes, "labels": torch.randint(1, 21, (len(boxes),), generator=generator)}
+        for boxes in (_random_boxes(n, generator) for n in (3, 0, 7, 1))
+    ]
+    loc = torch.randn(4, len(priors), 4, generator=generator, requires_grad=True)
+    conf = torch.randn(4, len(priors), 21, generator=generator, requires_grad=True)
+    results = []
+    for static in (True, False):
+        losses = MultiBoxLoss(21, static_shapes=static)(loc, conf, priors, targets)
+        results.append((losses, torch.autograd.grad(sum(losses), (loc, conf))))
+    (static_losses, static_grads), (dynamic_losses, dynamic_grads) = results
+    assert static_losses[0] > 0 and static_losses[1] > 0
+    for a, b in zip((*static_losses, *static_grads), (*dynamic_losses, *dynamic_grads), strict=True):
+        torch.testing.assert_close(a, b)

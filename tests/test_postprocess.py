@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from ssd_lightning.postprocess import DetectionConfig, detect
+from ssd_lightning.postprocess import DetectionConfig, detect, select_candidates
 
 # Priors (cx, cy, w, h): 0 and 1 overlap heavily (IoU 0.82), 2 is apart, 3 is far away.
 PRIORS = torch.tensor(
@@ -66,3 +67,22 @@ def test_threshold_and_decoding_are_applied():
     assert len(result["scores"]) == 0
     (result,) = detect(loc, conf, PRIORS)
     torch.testing.assert_close(result["boxes"][0], torch.tensor([0.22, 0.2, 0.42, 0.4]))
+
+
+@pytest.mark.parametrize("scale", [1.0, 6.0])  # flat: every prior passes the threshold; peaked: few do
+def test_threshold_first_and_top_k_first_select_the_same_candidates(scale):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 500, 5, generator=generator) * scale
+    logits[..., 0] += scale  # background usually wins when peaked
+    scores = logits.softmax(dim=-1)[..., 1:]
+    config = DetectionConfig(score_threshold=0.05, pre_nms_top_k=40)
+    by_threshold = select_candidates(scores, config, method="threshold")
+    by_top_k = select_candidates(scores, config, method="top_k")
+    assert 0 < len(by_threshold.scores) <= 3 * 4 * 40
+    torch.testing.assert_close(by_threshold.group_sizes, by_top_k.group_sizes)
+    for a, b in zip(by_threshold, by_top_k, strict=True):
+        torch.testing.assert_close(a, b)
+    if scale == 1.0:  # every class of every image is full: the cap applies
+        assert by_top_k.group_sizes.eq(40).all()
+    with pytest.raises(ValueError, match="method"):
+        select_candidates(scores, config, method="sort")

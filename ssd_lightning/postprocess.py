@@ -82,15 +82,19 @@ def select_candidates(scores: Tensor, config: DetectionConfig, method: str = "au
         images, classes, _ = keep.nonzero(as_tuple=True)
         return Candidates(images, classes, top_priors[keep], top_scores[keep], keep.sum(dim=2).flatten())
     group = images * num_foreground + classes
-    order = scores[images, priors, classes].argsort(descending=True)
+    candidate_scores = scores[images, priors, classes]
+    order = candidate_scores.argsort(descending=True)
     order = order[group[order].argsort(stable=True)]  # by group, best first within each
     group_sizes = torch.bincount(group, minlength=batch * num_foreground)
     group_starts = group_sizes.cumsum(0) - group_sizes
     in_group_rank = torch.arange(len(order), device=scores.device) - group_starts[group[order]]
     order = order[in_group_rank < config.pre_nms_top_k]
-    images, priors, classes = images[order], priors[order], classes[order]
     return Candidates(
-        images, classes, priors, scores[images, priors, classes], group_sizes.clamp(max=config.pre_nms_top_k)
+        images[order],
+        classes[order],
+        priors[order],
+        candidate_scores[order],
+        group_sizes.clamp(max=config.pre_nms_top_k),
     )
 
 

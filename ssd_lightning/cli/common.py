@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-from ssd_lightning.cli.preflight import check_accelerator
 from ssd_lightning.training.checkpointing import AtomicCheckpointIO
 from ssd_lightning.training.evaluation import EvaluationResult
 from ssd_lightning.training.module import SSDLitModule
@@ -104,7 +103,6 @@ def instantiate_loggers(group: DictConfig | None, wandb_run_id: str | None = Non
 
 
 def build_trainer(trainer_cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Logger]) -> pl.Trainer:
-    check_accelerator(trainer_cfg)
     return instantiate_plainly(
         trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )

@@ -18,6 +18,7 @@ from ssd_lightning.cli.common import (
     report,
     write_json,
 )
+from ssd_lightning.cli.preflight import check_accelerator
 from ssd_lightning.training.checkpointing import resolve_checkpoint
 from ssd_lightning.training.evaluation import EvaluationResult
 from ssd_lightning.training.module import SSDLitModule
@@ -41,6 +42,7 @@ def check_classes(module: SSDLitModule, classes: list[str], where: str) -> None:
 
 def evaluate(cfg: DictConfig) -> EvaluationResult:
     """Run the eval task of `cfg` (composed from conf/eval.yaml)."""
+    check_accelerator(cfg.trainer)
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r}: choose one of {SPLITS}")
     module = load_for_inference(cfg)

@@ -15,6 +15,7 @@ from torchvision.utils import draw_bounding_boxes
 
 from ssd_lightning.cli.common import CONF_DIR, HYDRA_VERSION_BASE, build_trainer, report
 from ssd_lightning.cli.eval import load_for_inference
+from ssd_lightning.cli.preflight import check_accelerator
 from ssd_lightning.data import (
     DetectionDataset,
     DetectionTransform,
@@ -81,6 +82,7 @@ def draw(prediction: dict[str, Any], min_score: float) -> torch.Tensor:
 
 def predict(cfg: DictConfig) -> Path:
     """Run the predict task of `cfg` (composed from conf/predict.yaml); returns the results JSON path."""
+    check_accelerator(cfg.trainer)
     module = load_for_inference(cfg)
     hparams = module.hparams
     transform = build_eval_transform(module.image_size, hparams.pixel_mean, hparams.pixel_std)

@@ -10,6 +10,7 @@ import torch
 from training_helpers import compose_config, run_script
 
 from ssd_lightning.cli.eval import evaluate
+from ssd_lightning.cli.predict import predict
 from ssd_lightning.cli.preflight import ConfigurationError, check_accelerator, check_wandb_login
 from ssd_lightning.cli.train import train
 from ssd_lightning.data import DatasetError
@@ -110,6 +111,10 @@ def test_cuda_asked_for_on_a_machine_without_it(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     message = _train_error(["trainer=gpu", *_data_only(fast)], tmp_path, ConfigurationError)
     assert "trainer.accelerator=gpu but PyTorch sees no CUDA GPU" in message and "trainer=cpu" in message
+    for task, run in (("eval", evaluate), ("predict", predict)):  # checked before the checkpoint is read
+        cfg = compose_config(task, ["trainer=gpu", "ckpt_path=missing.ckpt"], tmp_path / task)
+        with pytest.raises(ConfigurationError, match="sees no CUDA GPU"):
+            run(cfg)
     check_accelerator({"accelerator": "cpu", "devices": 4})
     check_accelerator({"accelerator": "auto", "devices": "auto"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

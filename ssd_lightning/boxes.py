@@ -34,7 +34,13 @@ def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
 
 
 def encode(boxes: Tensor, priors: Tensor, variances: Variances = DEFAULT_VARIANCES) -> Tensor:
-    """Offsets of xyxy `boxes` [..., P, 4] relative to cxcywh `priors` [P, 4], scaled by the variances."""
+    """Offsets of xyxy `boxes` [..., P, 4] relative to cxcywh `priors` [P, 4], scaled by the variances.
+
+    Computed and returned in float32 (float64 stays float64) whatever the inputs' dtype: in float16 the
+    size clamp below rounds to 0 and its log is -inf.
+    """
+    dtype = torch.promote_types(torch.promote_types(boxes.dtype, priors.dtype), torch.float32)
+    boxes, priors = boxes.to(dtype), priors.to(dtype)
     top_left, bottom_right = boxes[..., :2], boxes[..., 2:]
     prior_centre, prior_size = priors[:, :2], priors[:, 2:]
     centre = ((top_left + bottom_right) * 0.5 - prior_centre) / (prior_size * variances[0])
@@ -69,14 +75,13 @@ def pad_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> PaddedTarg
     if len(boxes) == 0:
         raise ValueError("pad_targets needs at least one image")
     device = boxes[0].device
-    counts = torch.tensor([len(b) for b in boxes], dtype=torch.int64)
-    slots = max(int(counts.max()), 1)
-    # One scatter for the whole batch instead of a copy per image: indices are built on the host from
-    # the known lengths, so nothing waits on the device.
-    image_index = torch.repeat_interleave(torch.arange(len(boxes)), counts)
-    starts = torch.repeat_interleave(counts.cumsum(0) - counts, counts)
-    slot_index = torch.arange(int(counts.sum())) - starts
-    image_index, slot_index = image_index.to(device), slot_index.to(device)
+    counts = [len(b) for b in boxes]
+    slots = max(max(counts), 1)
+    # One scatter for the whole batch instead of a copy per image. Its indices follow from the lengths
+    # alone (Python ints, no tensor is read), so building them never waits on the device.
+    image_index = [image for image, count in enumerate(counts) for _ in range(count)]
+    slot_index = [slot for count in counts for slot in range(count)]
+    image_index, slot_index = _host_to_device([image_index, slot_index], device).unbind(0)
     padded_boxes = boxes[0].new_zeros(len(boxes), slots, 4)
     padded_labels = torch.zeros(len(boxes), slots, dtype=torch.int64, device=device)
     valid = torch.zeros(len(boxes), slots, dtype=torch.bool, device=device)
@@ -86,6 +91,22 @@ def pad_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> PaddedTarg
     padded_labels[image_index, slot_index] = torch.cat([x.reshape(-1) for x in labels]).to(torch.int64)
     valid[image_index, slot_index] = True
     return PaddedTargets(padded_boxes, padded_labels, valid, image_index, slot_index)
+
+
+def _host_to_device(rows: list[list[int]], device: torch.device) -> Tensor:
+    """An int64 tensor of `rows` on `device`, copied without synchronising the device with the host."""
+    if device.type == "cpu" or torch.compiler.is_compiling():
+        return torch.tensor(rows, dtype=torch.int64, device=device)  # a compiled graph holds it as a constant
+    host = torch.tensor(rows, dtype=torch.int64)
+    # A copy from pageable memory blocks until the stream is idle; one from pinned memory does not.
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def has_area(boxes: Tensor) -> Tensor:
+    """[...] bool: which xyxy `boxes` [..., 4] have xmax > xmin and ymax > ymin (False for NaN too)."""
+    return (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
 
 
 class MatchResult(NamedTuple):
@@ -113,14 +134,19 @@ def prior_iou(boxes: Tensor, priors_xyxy: Tensor) -> Tensor:
 def match_priors(targets: PaddedTargets, priors_xyxy: Tensor, iou_threshold: float = 0.5) -> MatchResult:
     """SSD matching for a batch.
 
-    Each prior takes the ground truth it overlaps most if that IoU is >= `iou_threshold`; then every ground
-    truth claims its own best prior regardless of IoU (when two claim the same prior, the later box wins,
-    as in the reference implementation).
+    Each prior takes the ground truth it overlaps most if that IoU is >= `iou_threshold` (> 0); then every
+    ground truth claims its own best prior regardless of IoU (when two claim the same prior, the later box
+    wins, as in the reference implementation). A box without area (see `has_area`) is left out: it would
+    claim prior 0 with an unbounded size offset.
     """
     batch, slots = targets.labels.shape
     num_priors = priors_xyxy.shape[0]
+    real_boxes = targets.boxes[targets.image_index, targets.slot_index]  # [M, 4]
+    usable = has_area(real_boxes)
+    # An empty box at the origin overlaps no prior (IoU 0, no NaN from an inverted box's negative area).
+    real_boxes = torch.where(usable[:, None], real_boxes, 0.0)
     # IoU of the real boxes only (padding can double the work), written into a -1 filled padded tensor.
-    real_iou = prior_iou(targets.boxes[targets.image_index, targets.slot_index], priors_xyxy)  # [M, P]
+    real_iou = prior_iou(real_boxes, priors_xyxy)  # [M, P]
     iou = priors_xyxy.new_full((batch, slots, num_priors), -1.0)
     iou[targets.image_index, targets.slot_index] = real_iou
     best_gt_iou, best_gt = iou.max(dim=1)  # [B, P]
@@ -129,7 +155,8 @@ def match_priors(targets: PaddedTargets, priors_xyxy: Tensor, iou_threshold: flo
     best_prior = real_iou.argmax(dim=1)  # [M]
     claimed_by = torch.full((batch * num_priors,), -1, dtype=torch.int64, device=iou.device)
     flat_prior = targets.image_index * num_priors + best_prior
-    claimed_by = claimed_by.scatter_reduce(0, flat_prior, targets.slot_index, reduce="amax")
+    claimant = targets.slot_index.masked_fill(~usable, -1)  # -1: claims nothing
+    claimed_by = claimed_by.scatter_reduce(0, flat_prior, claimant, reduce="amax")
     claimed_by = claimed_by.view(batch, num_priors)
     forced = claimed_by >= 0
     best_gt = torch.where(forced, claimed_by, best_gt)

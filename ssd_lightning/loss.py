@@ -1,12 +1,13 @@
 """MultiBoxLoss: Smooth L1 localisation + softmax confidence with 3:1 hard negative mining.
 
-Hard negative mining is written here since no library provides SSD's per-image ranking; it is a pair of
-sorts over the whole batch, with masks instead of boolean indexing so the loss has static shapes and never
-synchronises with the host.
+Hard negative mining is written here since no library provides SSD's per-image ranking; it is one sort
+(or top-k) over the whole batch. With static shapes (see `MultiBoxLoss`) it selects with masks instead of
+boolean indexing, so the loss never synchronises with the host.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -18,6 +19,7 @@ from ssd_lightning.boxes import (
     Variances,
     cxcywh_to_xyxy,
     encode,
+    has_area,
     match_priors,
     pad_targets,
 )
@@ -38,34 +40,46 @@ def hard_negative_mask(
     """Per image, the `neg_pos_ratio * num_positives` (at least `min_negatives`) negatives of highest loss.
 
     background_loss: [B, P] cross-entropy of each prior against the background class (positives ignored).
-    positives: [B, P] bool. Returns a [B, P] bool mask of the chosen negatives. `static_shapes`: see
-    `MultiBoxLoss`.
+    positives: [B, P] bool. Returns a [B, P] bool mask of the chosen negatives; among negatives of equal
+    loss the lower prior indices are chosen, so both `static_shapes` modes (see `MultiBoxLoss`) choose the
+    same ones on any device.
     """
     num_priors = positives.shape[1]
     num_pos = positives.sum(dim=1, keepdim=True)
     num_neg = (num_pos * neg_pos_ratio).long().clamp(min=min_negatives).clamp(max=num_priors - num_pos)
     candidate_loss = background_loss.masked_fill(positives, float("-inf"))
-    # One sort, its first num_neg entries of each row scattered into the mask (not a sort of the sort).
-    # Reading the largest count on the host allows a top-k instead, several times faster on a CPU.
+    # Reading the largest count on the host allows a top-k instead of a full sort, several times faster
+    # on a CPU.
     if not _static_shapes(static_shapes, candidate_loss):
-        order = candidate_loss.topk(max(int(num_neg.max()), 1), dim=1).indices
+        ranked = candidate_loss.topk(max(int(num_neg.max()), 1), dim=1).values
     else:
-        order = candidate_loss.argsort(dim=1, descending=True)
-    chosen = torch.arange(order.shape[1], device=order.device) < num_neg
-    return torch.zeros_like(positives).scatter_(1, order, chosen)
+        ranked = candidate_loss.sort(dim=1, descending=True).values
+    # Everything above each row's num_neg-th largest loss, then the lowest-index ties at it: topk and an
+    # unstable sort order equal values arbitrarily (and differently), so their indices are not used.
+    kth = ranked.gather(1, (num_neg - 1).clamp(min=0))
+    above = candidate_loss > kth
+    tied = candidate_loss == kth
+    tied_wanted = num_neg - above.sum(dim=1, keepdim=True)
+    return (above | (tied & (tied.cumsum(dim=1) <= tied_wanted))) & (num_neg > 0)
 
 
 class MultiBoxLoss(nn.Module):
     """The SSD training objective.
 
-    Returns `(loss_loc, loss_conf)`, each summed over the batch and divided by the number of matched
-    (positive) priors in the batch; their sum is the paper's L (alpha = 1). An image without objects adds
-    only its `min_negatives` hardest negatives; a batch without any positive gives a finite loss.
+    Returns `(loss_loc, loss_conf)` in float32, each summed over the batch and divided by the number of
+    matched (positive) priors in the batch; their sum is the paper's L (alpha = 1). An image without
+    objects adds only its `min_negatives` hardest negatives. A batch without any positive is divided by
+    its number of images instead: each of its images brings `min_negatives` negatives, by default as many
+    as one object would, so its loss is about the negative part of a normal batch's whatever the batch
+    size.
+
+    Ground-truth boxes without area are left out (they would claim a prior with an unbounded offset),
+    with a warning when the boxes are on the CPU (checking device tensors would wait on the device).
 
     `static_shapes`: True computes with masks and fixed shapes only (no host synchronisation, what an
     accelerator and CUDA graphs want); False selects the positive priors and the top-k negatives by their
     counts (data-dependent shapes, about 1.7x faster on a CPU); None (default) picks by the device.
-    Both give the same losses and gradients.
+    Both give the same losses and gradients, in float32 whatever the dtype of the predictions and boxes.
     """
 
     def __init__(
@@ -104,11 +118,15 @@ class MultiBoxLoss(nn.Module):
             raise ValueError(f"{len(targets)} targets for a batch of {loc.shape[0]} images")
 
         padded = pad_targets([t["boxes"] for t in targets], [t["labels"] for t in targets])
+        if padded.boxes.device.type == "cpu" and not torch.compiler.is_compiling():
+            _warn_about_empty_boxes(padded.boxes[padded.image_index, padded.slot_index])
         with torch.no_grad():
             matched = match_priors(padded, cxcywh_to_xyxy(priors), self.iou_threshold)
         positives = matched.labels > 0
-        num_pos = positives.sum().clamp(min=1).to(loc.dtype)
-        loss_loc = self._localisation_loss(loc, priors, matched.boxes, positives) / num_pos
+        num_pos = positives.sum()
+        # No positive: per image instead (see the class docstring); torch.where keeps it on the device.
+        normaliser = torch.where(num_pos > 0, num_pos, loc.shape[0]).float()
+        loss_loc = self._localisation_loss(loc, priors, matched.boxes, positives) / normaliser
 
         batch, num_priors, num_classes = conf.shape
         ce = F.cross_entropy(
@@ -118,7 +136,8 @@ class MultiBoxLoss(nn.Module):
         negatives = hard_negative_mask(
             ce.detach(), positives, self.neg_pos_ratio, self.min_negatives, self.static_shapes
         )
-        loss_conf = (ce * (positives | negatives)).sum() / num_pos
+        # torch.where, not a product with the mask: a non-finite loss of an unchosen prior times 0 is NaN.
+        loss_conf = torch.where(positives | negatives, ce, 0.0).sum() / normaliser
         return loss_loc, loss_conf
 
     def _localisation_loss(self, loc: Tensor, priors: Tensor, boxes: Tensor, positives: Tensor) -> Tensor:
@@ -128,9 +147,22 @@ class MultiBoxLoss(nn.Module):
             image, prior = positives.nonzero(as_tuple=True)
             with torch.no_grad():
                 target = encode(boxes[image, prior], priors[prior], self.variances)
-            return F.smooth_l1_loss(loc[image, prior], target.to(loc.dtype), reduction="sum")
-        # Masks keep the shapes static: no host synchronisation.
+            return F.smooth_l1_loss(loc[image, prior].float(), target, reduction="sum")
+        # Masks keep the shapes static: no host synchronisation. Background priors' targets are
+        # meaningless (encoded padding) and their predictions may overflow in float16: torch.where, not a
+        # product with the mask (inf * 0 is NaN).
         with torch.no_grad():
             target = encode(boxes, priors, self.variances)
-        loss = F.smooth_l1_loss(loc, target.to(loc.dtype), reduction="none").sum(dim=-1)
-        return (loss * positives).sum()
+        loss = F.smooth_l1_loss(loc.float(), target, reduction="none").sum(dim=-1)
+        return torch.where(positives, loss, 0.0).sum()
+
+
+def _warn_about_empty_boxes(boxes: Tensor) -> None:
+    empty = ~has_area(boxes)
+    if empty.any():
+        first = [round(v, 4) for v in boxes[empty][0].tolist()]
+        warnings.warn(
+            f"MultiBoxLoss: left out {int(empty.sum())} ground-truth box(es) without area "
+            f"(xmax <= xmin or ymax <= ymin), e.g. {first}",
+            stacklevel=3,
+        )

@@ -141,3 +141,30 @@ def test_batched_matching_equals_the_per_image_rule(seed: int):
         expected_labels, expected_boxes = _match_one_image(image_boxes, image_labels, priors, 0.5)
         torch.testing.assert_close(result.labels[image], expected_labels)
         torch.testing.assert_close(result.boxes[image], expected_boxes)
+
+
+def test_boxes_without_area_match_nothing():
+    # Given through the API (the datasets drop them): a zero-width, an inverted and a NaN box would
+    # otherwise claim prior 0 (or poison the IoU maximum with NaN).
+    generator = torch.Generator().manual_seed(7)
+    priors = _random_xyxy(200, generator)
+    good = _random_xyxy(3, generator)
+    bad = torch.tensor([[0.3, 0.2, 0.3, 0.6], [0.6, 0.6, 0.2, 0.7], [float("nan"), 0.1, 0.5, 0.5]])
+    labels = torch.tensor([1, 2, 3])
+    expected = match_priors(pad_targets([good], [labels]), priors, 0.5)
+    mixed = torch.cat([good[:1], bad[:2], good[1:], bad[2:]])
+    mixed_labels = torch.tensor([1, 4, 4, 2, 3, 4])
+    result = match_priors(pad_targets([mixed], [mixed_labels]), priors, 0.5)
+    assert result.labels.equal(expected.labels)
+    positives = expected.labels > 0
+    torch.testing.assert_close(result.boxes[positives], expected.boxes[positives])
+    alone = match_priors(pad_targets([bad], [torch.tensor([4, 4, 4])]), priors, 0.5)
+    assert alone.labels.eq(0).all()
+
+
+def test_encode_computes_in_float32_for_float16_boxes():
+    priors = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    boxes = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.4, 0.4, 0.6, 0.7]])  # padding (no size), a real box
+    offsets = encode(boxes.half(), priors)
+    assert offsets.dtype == torch.float32 and torch.isfinite(offsets).all()
+    torch.testing.assert_close(offsets, encode(boxes.half().float(), priors))

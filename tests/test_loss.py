@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torchvision.ops import box_iou
 
 from ssd_lightning.boxes import cxcywh_to_xyxy, encode
 from ssd_lightning.loss import MultiBoxLoss, hard_negative_mask
@@ -122,3 +123,152 @@ def test_static_and_data_dependent_shapes_give_the_same_losses_and_gradients():
     assert static_losses[0] > 0 and static_losses[1] > 0
     for a, b in zip((*static_losses, *static_grads), (*dynamic_losses, *dynamic_grads), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def _voc_case(seed: int, counts=(3, 0, 7, 1)):
+    generator = torch.Generator().manual_seed(seed)
+    priors = generate_priors(prior_preset(300, "voc"))
+    targets = [
+        {"boxes": boxes, "labels": torch.randint(1, 21, (len(boxes),), generator=generator)}
+        for boxes in (_random_boxes(n, generator) for n in counts)
+    ]
+    loc = torch.randn(len(counts), len(priors), 4, generator=generator)
+    conf = torch.randn(len(counts), len(priors), 21, generator=generator)
+    return priors, targets, loc, conf
+
+
+def _losses_and_grads(loc, conf, priors, targets, static, **kwargs):
+    loc, conf = loc.detach().requires_grad_(), conf.detach().requires_grad_()
+    losses = MultiBoxLoss(conf.shape[-1], static_shapes=static, **kwargs)(loc, conf, priors, targets)
+    return losses, torch.autograd.grad(sum(losses), (loc, conf))
+
+
+def test_float16_inputs_with_an_empty_image_give_the_float32_losses_in_both_paths():
+    # Lightning's 16-true casts the whole batch, boxes included; the empty image's padding box used to
+    # encode to log(0) = -inf in float16, and -inf * 0 in the static path's mask gave NaN.
+    priors, targets, loc, conf = _voc_case(4, counts=(2, 0))
+    half_targets = [{"boxes": t["boxes"].half(), "labels": t["labels"]} for t in targets]
+    reference = [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in half_targets]
+    expected, _ = _losses_and_grads(loc.half().float(), conf.half().float(), priors, reference, static=False)
+    assert all(torch.isfinite(v) for v in expected)
+    for static in (True, False):
+        losses, grads = _losses_and_grads(loc.half(), conf.half(), priors, half_targets, static)
+        assert all(v.dtype == torch.float32 for v in losses)
+        torch.testing.assert_close(losses, expected)
+        assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_an_overflowed_background_prediction_leaves_both_paths_finite():
+    priors, targets, loc, conf = _voc_case(5, counts=(2, 1))
+    overlap = box_iou(targets[1]["boxes"], cxcywh_to_xyxy(priors)).amax(dim=0)
+    background = int(overlap.argmin())  # a prior no target overlaps
+    assert overlap[background] == 0
+    loc_inf = loc.clone()
+    loc_inf[1, background] = float("inf")  # what a float16 overflow gives
+    expected, _ = _losses_and_grads(loc, conf, priors, targets, static=False)
+    for static in (True, False):
+        losses, grads = _losses_and_grads(loc_inf, conf, priors, targets, static)
+        torch.testing.assert_close(losses, expected)
+        assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_hard_negatives_break_exact_ties_by_prior_index_in_both_paths():
+    loss = torch.zeros(3, 40)
+    loss[:, 30:] = 1.0  # ten clear winners, then thirty exactly equal losses
+    loss[2, :] = 0.5  # a row of nothing but ties
+    positives = torch.zeros(3, 40, dtype=torch.bool)
+    positives[0, [3, 31]] = True  # 2 positives -> 6 negatives: 9 of the 1.0s exceed 6, so ties at 1.0
+    positives[1, 32:40] = True  # 8 positives -> 24: the two 1.0s left, then 22 of the 0.0s
+    positives[2, 5] = True  # 1 positive -> 3: the first three tied priors that are not positive
+    masks = [hard_negative_mask(loss, positives, 3, 3, static_shapes=s) for s in (True, False)]
+    assert masks[0].nonzero().tolist() == masks[1].nonzero().tolist()
+    expected = torch.zeros(3, 40, dtype=torch.bool)
+    expected[0, [30, 32, 33, 34, 35, 36]] = True
+    expected[1, [30, 31, *range(22)]] = True
+    expected[2, [0, 1, 2]] = True
+    assert masks[0].equal(expected)
+
+
+def test_static_and_data_dependent_shapes_agree_under_exact_ties():
+    # Zoom-out fills large areas with the mean colour: many priors get bit-identical logits.
+    priors, targets, loc, conf = _voc_case(6)
+    tied = conf[0, 0].clone()
+    tied[0] = -5.0  # confidently not background: these are the hardest negatives, all equally hard
+    conf[:, 1000:7000] = tied
+    (static_losses, static_grads) = _losses_and_grads(loc, conf, priors, targets, static=True)
+    (dynamic_losses, dynamic_grads) = _losses_and_grads(loc, conf, priors, targets, static=False)
+    for a, b in zip((*static_losses, *static_grads), (*dynamic_losses, *dynamic_grads), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_static_shape_loss_captures_as_one_graph_without_host_reads():
+    # A CPU-checkable proxy for CUDA-graph capture: one graph, and no op in it that reads a tensor on the
+    # host (fullgraph=True alone would capture .item() or nonzero as data-dependent sizes).
+    priors, targets, loc, conf = _voc_case(7)
+    criterion = MultiBoxLoss(21, static_shapes=True)
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module
+
+    torch._dynamo.reset()
+    compiled = torch.compile(criterion, fullgraph=True, backend=record)
+    torch.testing.assert_close(compiled(loc, conf, priors, targets), criterion(loc, conf, priors, targets))
+    assert len(graphs) == 1
+    ops = {str(n.target) for n in graphs[0].graph.nodes if n.op in ("call_function", "call_method")}
+    host_reads = {
+        op for op in ops if op in ("item", "tolist") or any(w in op for w in ("nonzero", "sym_", "scalar"))
+    }
+    assert not host_reads, host_reads
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_static_shape_loss_does_not_synchronise_on_cuda():
+    priors, targets, loc, conf = _voc_case(8)
+    device = torch.device("cuda")
+    targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+    args = (loc.to(device), conf.to(device), priors.to(device), targets)
+    criterion = MultiBoxLoss(21)
+    criterion(*args)  # warm-up: allocators and kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = criterion(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close([v.cpu() for v in losses], MultiBoxLoss(21)(loc, conf, priors, _cpu(targets)))
+
+
+def _cpu(targets):
+    return [{k: v.cpu() for k, v in t.items()} for t in targets]
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_batch_without_objects_is_scaled_per_image(static):
+    conf = torch.randn(1, 8, 3, generator=torch.Generator().manual_seed(9))
+    criterion = MultiBoxLoss(num_classes=3, static_shapes=static)
+    losses = [
+        criterion(torch.zeros(n, 8, 4), conf.repeat(n, 1, 1), PRIORS, [EMPTY] * n)[1] for n in (1, 2, 8)
+    ]
+    # One image: its 3 hardest negatives (highest background cross-entropy), not divided by anything.
+    background_ce = -torch.log_softmax(conf[0], dim=-1)[:, 0]
+    assert losses[0].item() == pytest.approx(background_ce.topk(3).values.sum().item(), rel=1e-6)
+    for loss in losses[1:]:
+        assert loss.item() == pytest.approx(losses[0].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_ground_truth_without_area_is_left_out(static):
+    criterion = MultiBoxLoss(num_classes=3, static_shapes=static)
+    loc = _perfect_loc(2) + 0.1
+    conf = torch.randn(2, 8, 3, generator=torch.Generator().manual_seed(10))
+    flat = torch.tensor([[0.5, 0.45, 0.5, 0.55]])  # zero width
+    with_flat = [
+        {"boxes": torch.cat([OBJECT["boxes"], flat]), "labels": torch.tensor([1, 2])},
+        {"boxes": flat, "labels": torch.tensor([2])},
+    ]
+    expected = criterion(loc, conf, PRIORS, [OBJECT, EMPTY])
+    with pytest.warns(UserWarning, match="2 ground-truth box"):
+        losses = criterion(loc, conf, PRIORS, with_flat)
+    torch.testing.assert_close(losses, expected)

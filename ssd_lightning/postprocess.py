@@ -27,26 +27,37 @@ class DetectionConfig:
 
 
 def _nms_by_group(
-    boxes: Tensor, scores: Tensor, group: Tensor, group_sizes: Tensor, config: DetectionConfig
+    boxes: Tensor,
+    scores: Tensor,
+    group: Tensor,
+    group_sizes: Tensor,
+    groups_per_image: int,
+    config: DetectionConfig,
 ) -> Tensor:
     """Per-group NMS of candidates sorted by group; indices of the kept ones.
 
     `batched_nms` over a whole batch falls back to a Python loop over its groups, each scanning every box,
-    above 1000 boxes on CPU (5000 on GPU). Slices of whole groups below that size keep its one-call path;
-    group ids are made local to the slice so its coordinate offsets stay small (float32 precision).
+    above 1000 boxes on CPU (5000 on GPU). Slices of whole groups below that size keep its one-call path.
+    `batched_nms` separates groups by shifting their boxes by a multiple of the group id, which costs
+    float32 precision (an IoU of 0.444 can round past 0.45): slices never span two images and number
+    only the groups they hold (0, 1, ...), so an image's detections are the same in any batch.
     """
     limit = 1000 if boxes.device.type == "cpu" else 5000
     slices, start, end = [], 0, 0
-    for size in group_sizes.tolist():
-        if end + size - start > limit and end > start:
+    for image_sizes in group_sizes.view(-1, groups_per_image).tolist():
+        for size in image_sizes:
+            if end + size - start > limit and end > start:
+                slices.append((start, end))
+                start = end
+            end += size
+        if end > start:
             slices.append((start, end))
             start = end
-        end += size
-    slices.append((start, end))
+    # Dense group numbers: 0, 1, ... in order of the non-empty groups.
+    dense = torch.cat([group.new_zeros(min(len(group), 1)), (group[1:] != group[:-1]).cumsum(0)])
     kept = [
-        batched_nms(boxes[a:b], scores[a:b], group[a:b] - group[a], config.nms_iou_threshold) + a
+        batched_nms(boxes[a:b], scores[a:b], dense[a:b] - dense[a], config.nms_iou_threshold) + a
         for a, b in slices
-        if b > a
     ]
     return torch.cat(kept) if kept else group.new_zeros(0)
 
@@ -112,6 +123,11 @@ def detect(
     """
     config = config or DetectionConfig()
     batch, _, num_classes = conf.shape
+    if loc.shape[:2] != conf.shape[:2] or loc.shape[1] != priors.shape[0]:
+        raise ValueError(
+            f"loc {tuple(loc.shape)} and conf {tuple(conf.shape)} must both cover the {priors.shape[0]} "
+            "priors of each image"
+        )
     scores = conf.float().softmax(dim=-1)[..., 1:]  # [B, P, C-1]
     candidates = select_candidates(scores, config)
     cand_images, cand_scores = candidates.images, candidates.scores
@@ -123,7 +139,7 @@ def detect(
     )
     cand_boxes = cand_boxes.clamp(0.0, 1.0)
 
-    kept = _nms_by_group(cand_boxes, cand_scores, group, candidates.group_sizes, config)
+    kept = _nms_by_group(cand_boxes, cand_scores, group, candidates.group_sizes, num_classes - 1, config)
     # Each image's detections best first, cut at top_k.
     kept = kept[torch.sort(cand_scores[kept], descending=True, stable=True).indices]
     kept = kept[torch.sort(cand_images[kept], stable=True).indices]

@@ -91,3 +91,19 @@ def test_bad_arguments():
         sl.build_ssd(arch="resnet")
     with pytest.raises(ValueError, match="background"):
         sl.build_ssd(num_classes=1)
+
+
+def test_non_square_input_is_a_clear_error():
+    # 280x300 (HxW): the feature maps have the right widths but not the right heights.
+    model = sl.build_ssd(300, 21).eval()
+    with pytest.raises(ValueError, match="resize images to 300x300"):
+        model(torch.randn(1, 3, 280, 300))
+    with pytest.raises(ValueError, match="resize images to 300x300"):
+        model(torch.randn(1, 3, 300, 280))
+
+
+def test_detect_checks_the_prediction_count():
+    model = sl.build_ssd(size=128, num_classes=3, arch="compact", width=8).eval()
+    num_priors = model.priors.shape[0]
+    with pytest.raises(ValueError, match="made for 128x128 input"):
+        model.detect(torch.zeros(1, num_priors - 8, 4), torch.zeros(1, num_priors - 8, 3))

@@ -1,6 +1,8 @@
 import pytest
 import torch
+from torchvision.ops import box_iou
 
+from ssd_lightning.boxes import cxcywh_to_xyxy, xyxy_to_cxcywh
 from ssd_lightning.postprocess import DetectionConfig, detect, select_candidates
 
 # Priors (cx, cy, w, h): 0 and 1 overlap heavily (IoU 0.82), 2 is apart, 3 is far away.
@@ -86,3 +88,51 @@ def test_threshold_first_and_top_k_first_select_the_same_candidates(scale):
         assert by_top_k.group_sizes.eq(40).all()
     with pytest.raises(ValueError, match="method"):
         select_candidates(scores, config, method="sort")
+
+
+def _two_close_boxes_in_a_big_batch():
+    """64 images, 81 classes; images 0-62 have one class-1 detection each, image 63 two class-80 boxes of
+    IoU 0.444 (< 0.45, so NMS keeps both) small enough for float32 offsets of ~10^4 to round their IoU."""
+    a, b = [0.1, 0.5, 0.11, 0.51], [0.1038, 0.5, 0.1138, 0.51]
+    priors = xyxy_to_cxcywh(torch.tensor([a, b, [0.0, 0.0, 1.0, 1.0]]))
+    conf = torch.full((64, 3, 81), -30.0)
+    conf[:, :, 0] = 0.0  # background everywhere...
+    conf[:-1, 2, 0], conf[:-1, 2, 1] = -30.0, 0.0  # ...but one class-1 box in each of images 0-62
+    conf[-1, 0, 0], conf[-1, 0, 80] = -30.0, 0.0  # image 63: class 80 at 1.0 and at 0.62
+    conf[-1, 1, 80] = 0.5
+    return torch.zeros(64, 3, 4), conf, priors
+
+
+def test_detections_of_an_image_do_not_depend_on_the_batch():
+    loc, conf, priors = _two_close_boxes_in_a_big_batch()
+    boxes = cxcywh_to_xyxy(priors[:2])
+    assert 0.44 < box_iou(boxes, boxes)[0, 1] < 0.45
+    in_batch = detect(loc, conf, priors)[-1]
+    (alone,) = detect(loc[-1:], conf[-1:], priors)
+    assert len(alone["scores"]) == 2  # per-class NMS of that image keeps both
+    for key in ("boxes", "scores", "labels"):
+        assert in_batch[key].equal(alone[key])
+
+
+@pytest.mark.parametrize("flat", [True, False])
+def test_every_image_alone_gives_its_batch_detections(flat):
+    generator = torch.Generator().manual_seed(int(flat))
+    priors = torch.cat(
+        [torch.rand(500, 2, generator=generator), torch.rand(500, 2, generator=generator) * 0.1 + 0.01], 1
+    )
+    conf = torch.randn(6, 500, 21, generator=generator) * (1.0 if flat else 4.0)
+    loc = torch.randn(6, 500, 4, generator=generator) * 0.5
+    batch = detect(loc, conf, priors)
+    assert sum(len(d["scores"]) for d in batch) > 100
+    for image, in_batch in enumerate(batch):
+        (alone,) = detect(loc[image : image + 1], conf[image : image + 1], priors)
+        for key in ("boxes", "scores", "labels"):
+            assert in_batch[key].equal(alone[key])
+
+
+def test_predictions_must_cover_the_priors():
+    conf = torch.zeros(1, 3, 3)
+    with pytest.raises(ValueError, match="4 priors"):
+        detect(torch.zeros(1, 3, 4), conf, PRIORS)
+    with pytest.raises(ValueError, match="4 priors"):
+        detect(torch.zeros(1, 4, 4), conf, PRIORS)

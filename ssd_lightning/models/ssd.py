@@ -63,11 +63,13 @@ class SSD(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         sources = self.features(images)
-        sizes = tuple(s.shape[-1] for s in sources)
-        if sizes != self.prior_spec.feature_maps:
+        # Height and width: a non-square input would otherwise be decoded against the wrong priors.
+        sizes = tuple(tuple(s.shape[-2:]) for s in sources)
+        expected = tuple((side, side) for side in self.prior_spec.feature_maps)
+        if sizes != expected:
             raise ValueError(
-                f"input of {tuple(images.shape[-2:])} gives feature maps {sizes}, but the priors are made "
-                f"for {self.prior_spec.feature_maps}: resize images to {self.image_size}x{self.image_size}"
+                f"input of {tuple(images.shape[-2:])} (HxW) gives feature maps {sizes}, but the priors are "
+                f"made for {expected}: resize images to {self.image_size}x{self.image_size}"
             )
         predictions = [head(x) for head, x in zip(self.heads, sources, strict=True)]
         loc = torch.cat([p[0] for p in predictions], dim=1)
@@ -77,6 +79,12 @@ class SSD(nn.Module):
     @torch.no_grad()
     def detect(self, loc: Tensor, conf: Tensor) -> list[dict[str, Tensor]]:
         """Per-image {"boxes" [K,4] xyxy in [0,1], "scores" [K], "labels" [K]}, best first."""
+        num_priors = self.priors.shape[0]
+        if loc.shape[1] != num_priors or conf.shape[1] != num_priors:
+            raise ValueError(
+                f"predictions cover {loc.shape[1]} (loc) and {conf.shape[1]} (conf) priors but this model "
+                f"has {num_priors}, made for {self.image_size}x{self.image_size} input"
+            )
         return detect(loc, conf, self.priors, self.detection, self.variances)
 
 

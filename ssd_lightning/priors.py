@@ -123,8 +123,35 @@ PRIOR_PRESETS: dict[str, PriorSpec] = {
 PRIOR_PRESETS["ssd300_torchvision"] = replace(PRIOR_PRESETS["ssd300_coco"], clip="size")
 
 
+def ssdlite_prior_spec(image_size: int, feature_maps: Sequence[int]) -> PriorSpec:
+    """The default boxes of torchvision's SSDLite (`DefaultBoxGenerator([[2, 3]] * 6, min_ratio=0.2,
+    max_ratio=0.95)`) for a network whose feature-map sizes are known.
+
+    Unlike the paper's rule (`PriorSpec.from_scales`), the scales run from 0.2 on the first map to 0.95 on
+    the last one, and the last map's second square box uses 1.0 as the next scale; the cells tile the image
+    exactly (step = image / map), and only widths/heights are clipped.
+    """
+    count = len(feature_maps)
+    scales = [0.2 + (0.95 - 0.2) * k / (count - 1) for k in range(count)] + [1.0]
+    sizes = [s * image_size for s in scales]
+    return PriorSpec(
+        image_size=image_size,
+        feature_maps=tuple(int(f) for f in feature_maps),
+        steps=tuple(image_size / f for f in feature_maps),
+        min_sizes=tuple(sizes[:-1]),
+        max_sizes=tuple(sizes[1:]),
+        aspect_ratios=((2, 3),) * count,
+        clip="size",
+    )
+
+
+# torchvision's ssdlite320_mobilenet_v3_large: 3,234 boxes.
+PRIOR_PRESETS["ssd320_ssdlite"] = ssdlite_prior_spec(320, (20, 10, 5, 3, 2, 1))
+
+
 def prior_preset(size: int, sizes: str = "voc") -> PriorSpec:
-    """The paper's prior set for SSD300/SSD512 with "voc" or "coco" box sizes (or SSD300 "torchvision")."""
+    """The paper's prior set for SSD300/SSD512 with "voc" or "coco" box sizes (or SSD300 "torchvision"),
+    or torchvision's SSDLite boxes at 320 ("ssdlite")."""
     key = f"ssd{size}_{sizes}"
     if key not in PRIOR_PRESETS:
         raise ValueError(f"no prior preset {key!r}; available: {sorted(PRIOR_PRESETS)}")

@@ -8,7 +8,14 @@ from ssd_lightning import metrics
 from ssd_lightning.boxes import decode, encode, match_priors
 from ssd_lightning.convert import convert_state_dict
 from ssd_lightning.loss import MultiBoxLoss
-from ssd_lightning.models import SSD, build_ssd, load_vgg16_backbone
+from ssd_lightning.models import (
+    SSD,
+    build_ssd,
+    load_mobilenet_v3_backbone,
+    load_resnet50_backbone,
+    load_vgg16_backbone,
+    pixel_normalization,
+)
 from ssd_lightning.postprocess import DetectionConfig, detect
 from ssd_lightning.priors import PriorSpec, generate_priors, prior_preset
 
@@ -25,8 +32,11 @@ __all__ = [
     "detect",
     "encode",
     "generate_priors",
+    "load_mobilenet_v3_backbone",
+    "load_resnet50_backbone",
     "load_vgg16_backbone",
     "match_priors",
     "metrics",
+    "pixel_normalization",
     "prior_preset",
 ]

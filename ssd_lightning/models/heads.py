@@ -24,3 +24,13 @@ class SSDHead(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._flatten(self.loc(x), 4), self._flatten(self.conf(x), self.num_classes)
+
+
+def class_logit_conv(head: nn.Module) -> nn.Conv2d:
+    """The conv that outputs a head's class logits: `SSDHead.conf`, or the 1x1 conv that ends a separable
+    head's conf branch (e.g. to raise the background bias of a model)."""
+    conf = getattr(head, "conf", None)
+    convs = [m for m in conf.modules() if isinstance(m, nn.Conv2d)] if isinstance(conf, nn.Module) else []
+    if not convs:
+        raise TypeError(f"{type(head).__name__} has no conf branch")
+    return convs[-1]

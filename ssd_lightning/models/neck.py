@@ -1,4 +1,5 @@
-"""The SSD neck: L2 normalisation of the conv4_3 source and the extra feature layers."""
+"""The SSD neck: L2 normalisation of the conv4_3 source and the extra feature layers (SSDLite's separable
+extras are in `ssdlite`)."""
 
 from __future__ import annotations
 
@@ -26,13 +27,26 @@ class L2Norm(nn.Module):
 
 
 def extra_block(
-    in_channels: int, mid_channels: int, out_channels: int, kernel_size: int, stride: int, padding: int
+    in_channels: int,
+    mid_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int,
+    padding: int,
+    batch_norm: bool = False,
 ) -> nn.Sequential:
-    """One extra source: a 1x1 bottleneck then a 3x3 (or 4x4) conv that shrinks the map."""
+    """One extra source: a 1x1 bottleneck then a 3x3 (or 4x4) conv that shrinks the map; with `batch_norm`
+    each conv (then without bias) is followed by BatchNorm, as in NVIDIA's SSD300 v1.1."""
+
+    def conv(cin: int, cout: int, kernel: int, **options: int) -> list[nn.Module]:
+        if batch_norm:
+            return [nn.Conv2d(cin, cout, kernel, bias=False, **options), nn.BatchNorm2d(cout)]
+        return [nn.Conv2d(cin, cout, kernel, **options)]
+
     return nn.Sequential(
-        nn.Conv2d(in_channels, mid_channels, 1),
+        *conv(in_channels, mid_channels, 1),
         nn.ReLU(inplace=True),
-        nn.Conv2d(mid_channels, out_channels, kernel_size, stride=stride, padding=padding),
+        *conv(mid_channels, out_channels, kernel_size, stride=stride, padding=padding),
         nn.ReLU(inplace=True),
     )
 
@@ -46,30 +60,41 @@ EXTRAS_SSD512 = (
     (128, 256, 3, 2, 1),
     (128, 256, 4, 1, 1),
 )
+# NVIDIA's SSD300 v1.1 on ResNet-50's 1024-channel conv4_x: maps 19, 10, 5, 3, 1 (with BatchNorm).
+EXTRAS_RESNET50 = (
+    (256, 512, 3, 2, 1),
+    (256, 512, 3, 2, 1),
+    (128, 256, 3, 2, 1),
+    (128, 256, 3, 1, 0),
+    (128, 256, 3, 1, 0),
+)
 
 
 class SSDNeck(nn.Module):
-    """Takes the backbone sources, L2-normalises the first (optional), appends the extra layers' outputs."""
+    """Takes the backbone sources, L2-normalises the first (optional), appends the extra layers' outputs
+    (with BatchNorm after each conv if `batch_norm`)."""
 
     def __init__(
         self,
         backbone_channels: Sequence[int],
         extras: Sequence[tuple[int, int, int, int, int]],
         l2norm_first: bool = True,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         self.l2norm = L2Norm(backbone_channels[0]) if l2norm_first else None
         blocks = []
         in_channels = backbone_channels[-1]
         for mid, out, kernel, stride, padding in extras:
-            blocks.append(extra_block(in_channels, mid, out, kernel, stride, padding))
+            blocks.append(extra_block(in_channels, mid, out, kernel, stride, padding, batch_norm))
             in_channels = out
         self.extras = nn.ModuleList(blocks)
         self.out_channels = tuple(backbone_channels) + tuple(e[1] for e in extras)
         for module in self.extras.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, features: Sequence[Tensor]) -> list[Tensor]:
         sources = list(features)

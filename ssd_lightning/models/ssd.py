@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -10,12 +10,21 @@ from torch import Tensor, nn
 from ssd_lightning.boxes import DEFAULT_VARIANCES, Variances
 from ssd_lightning.models.compact import CompactBackbone, compact_extras
 from ssd_lightning.models.heads import SSDHead
-from ssd_lightning.models.neck import EXTRAS_SSD300, EXTRAS_SSD512, SSDNeck
+from ssd_lightning.models.mobilenet import MobileNetV3Backbone
+from ssd_lightning.models.neck import EXTRAS_RESNET50, EXTRAS_SSD300, EXTRAS_SSD512, SSDNeck
+from ssd_lightning.models.resnet import ResNet50Backbone
+from ssd_lightning.models.ssdlite import SSDLiteHead, SSDLiteNeck
 from ssd_lightning.models.vgg import VGG16Backbone
 from ssd_lightning.postprocess import DetectionConfig, detect
-from ssd_lightning.priors import PriorSpec, generate_priors, prior_preset
+from ssd_lightning.priors import PriorSpec, generate_priors, prior_preset, ssdlite_prior_spec
 
 _COMPACT_RATIOS = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
+ARCHS = ("vgg16", "compact", "mobilenet_v3_large", "resnet50")
+# The prior sizes each arch's published model was trained with.
+_DEFAULT_PRIORS = {"vgg16": "voc", "resnet50": "coco", "mobilenet_v3_large": "ssdlite"}
+
+# (in_channels, boxes_per_location, num_classes) -> the head of one source.
+HeadFactory = Callable[[int, int, int], nn.Module]
 
 
 class SSD(nn.Module):
@@ -23,17 +32,20 @@ class SSD(nn.Module):
 
     `forward(images)` returns raw predictions `(loc [B,P,4], conf [B,P,C])` against `self.priors`
     ([P,4] cxcywh in [0,1], a non-persistent buffer so checkpoints do not depend on the prior code);
-    `detect(loc, conf)` turns them into per-image detections.
+    `detect(loc, conf)` turns them into per-image detections. The neck maps the backbone's sources to the
+    heads' inputs and says how many there are (`neck.out_channels`); `head` builds each source's head
+    (`SSDHead`, or the separable `SSDLiteHead`), whose outputs are ordered like the priors.
     """
 
     def __init__(
         self,
         backbone: nn.Module,
-        neck: SSDNeck,
+        neck: nn.Module,
         prior_spec: PriorSpec,
         num_classes: int,
         detection: DetectionConfig | None = None,
         variances: Variances = DEFAULT_VARIANCES,
+        head: HeadFactory = SSDHead,
     ) -> None:
         super().__init__()
         if len(neck.out_channels) != len(prior_spec.feature_maps):
@@ -44,7 +56,7 @@ class SSD(nn.Module):
         self.backbone = backbone
         self.neck = neck
         self.heads = nn.ModuleList(
-            SSDHead(channels, boxes, num_classes)
+            head(channels, boxes, num_classes)
             for channels, boxes in zip(neck.out_channels, prior_spec.boxes_per_location, strict=True)
         )
         self.prior_spec = prior_spec
@@ -88,7 +100,7 @@ class SSD(nn.Module):
         return detect(loc, conf, self.priors, self.detection, self.variances)
 
 
-def _feature_map_sizes(backbone: nn.Module, neck: SSDNeck, image_size: int) -> tuple[int, ...]:
+def _feature_map_sizes(backbone: nn.Module, neck: nn.Module, image_size: int) -> tuple[int, ...]:
     probe = nn.Sequential(backbone, neck)
     was_training = probe.training
     probe.eval()
@@ -102,7 +114,7 @@ def build_ssd(
     size: int = 300,
     num_classes: int = 21,
     arch: str = "vgg16",
-    prior_preset_name: str = "voc",
+    prior_preset_name: str | None = None,
     score_threshold: float = 0.01,
     nms_iou_threshold: float = 0.45,
     top_k: int = 200,
@@ -110,32 +122,56 @@ def build_ssd(
     width: int = 32,
     variances: Sequence[float] = DEFAULT_VARIANCES,
     prior_spec: PriorSpec | None = None,
+    reduced_tail: bool = True,
 ) -> SSD:
     """Build an SSD detector.
 
     arch="vgg16": the paper's SSD300 (size=300) or SSD512 (size=512), with the paper's VOC or COCO prior
-    sizes (`prior_preset_name` "voc" | "coco"). arch="compact": a small BatchNorm network for CPU training
-    at any `size` (128-320 works well), `width` channels in its first layer, priors from the paper's
-    linear scale rule. `num_classes` counts the background (VOC: 21, COCO: 81). A `prior_spec` overrides
-    the priors of either.
+    sizes (`prior_preset_name` "voc" (default) | "coco"). arch="compact": a small BatchNorm network for CPU
+    training at any `size` (128-320 works well), `width` channels in its first layer, priors from the
+    paper's linear scale rule. arch="mobilenet_v3_large": torchvision's SSDLite320 (MobileNetV3-Large,
+    separable extras and heads, its default boxes: 3,234 at size=320; other sizes get boxes by the same
+    rule); `reduced_tail=True` is the tail of torchvision's COCO model and of training from scratch,
+    `False` the one ImageNet backbone weights need. arch="resnet50": NVIDIA's SSD300 v1.1 (size=300;
+    ResNet-50 to conv4_x, BatchNorm extras; `prior_preset_name` "coco" (default, NVIDIA's) | "voc").
+    `num_classes` counts the background (VOC: 21, COCO: 81; torchvision's COCO models: 91). A
+    `prior_spec` overrides the priors of any arch.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
     detection = DetectionConfig(score_threshold, nms_iou_threshold, top_k, pre_nms_top_k)
+    preset = prior_preset_name or _DEFAULT_PRIORS.get(arch, "voc")
+    head: HeadFactory = SSDHead
+    backbone: nn.Module
+    neck: nn.Module
     if arch == "vgg16":
         if size not in (300, 512):
             raise ValueError(f"VGG16 SSD comes in sizes 300 and 512, got {size}")
         backbone = VGG16Backbone()
         neck = SSDNeck(backbone.out_channels, EXTRAS_SSD300 if size == 300 else EXTRAS_SSD512)
-        spec = prior_spec or prior_preset(size, prior_preset_name)
+        spec = prior_spec or prior_preset(size, preset)
     elif arch == "compact":
         backbone = CompactBackbone(width)
         neck = SSDNeck(backbone.out_channels, compact_extras(width), l2norm_first=False)
         spec = prior_spec or PriorSpec.from_scales(
             size, _feature_map_sizes(backbone, neck, size), _COMPACT_RATIOS
         )
-    else:
-        raise ValueError(f"unknown arch {arch!r}; choose 'vgg16' or 'compact'")
+    elif arch == "mobilenet_v3_large":
+        backbone = MobileNetV3Backbone(reduced_tail=reduced_tail)
+        neck = SSDLiteNeck(backbone.out_channels)
+        head = SSDLiteHead
+        if prior_spec is None and preset == "ssdlite":
+            spec = ssdlite_prior_spec(size, _feature_map_sizes(backbone, neck, size))
+        else:
+            spec = prior_spec or prior_preset(size, preset)
+    else:  # resnet50
+        if size != 300:
+            raise ValueError(f"the ResNet-50 SSD is NVIDIA's SSD300: size must be 300, got {size}")
+        backbone = ResNet50Backbone()
+        neck = SSDNeck(backbone.out_channels, EXTRAS_RESNET50, l2norm_first=False, batch_norm=True)
+        spec = prior_spec or prior_preset(size, preset)
     if spec.image_size != size:
         raise ValueError(f"prior spec is for {spec.image_size}px input but size={size}")
-    return SSD(backbone, neck, spec, num_classes, detection, (float(variances[0]), float(variances[1])))
+    return SSD(backbone, neck, spec, num_classes, detection, (float(variances[0]), float(variances[1])), head)

@@ -1,11 +1,16 @@
-"""Map published SSD300 weights (amdegroot/ssd.pytorch, torchvision `ssd300_vgg16`) onto our module names.
+"""Map published SSD weights onto our module names: amdegroot/ssd.pytorch SSD300, torchvision
+`ssd300_vgg16` and `ssdlite320_mobilenet_v3_large`, NVIDIA DeepLearningExamples SSD300 v1.1 (ResNet-50).
 
-Both sources share our prior order and head channel layout, so conversion is a pure renaming: the
-converted model gives the same loc/conf outputs for the same input.
+ssd.pytorch and torchvision share our prior order and head channel layout, so their conversion is a pure
+renaming. NVIDIA's heads are box-major (loc viewed as [B, 4, A*H*W]: channel = value * A + box, priors
+ordered box by box over each map), ours position-major (channel = box * 4 + value, priors cell by cell,
+then box): its head channels are permuted so that each prior gets the prediction NVIDIA's model gives
+for the same default box. Either way, the converted model gives the source model's outputs.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from torch import Tensor
@@ -61,6 +66,57 @@ def _torchvision_names(state: Mapping[str, Tensor]) -> dict[str, str]:
     return names
 
 
+def _names_by_pattern(state: Mapping[str, Tensor], patterns: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Module renames for every key whose module path matches one of the (regex, replacement) patterns."""
+    names = {}
+    for key in state:
+        module = key.rpartition(".")[0]
+        for pattern, replacement in patterns:
+            if re.fullmatch(pattern, module):
+                names[module] = re.sub(pattern, replacement, module)
+                break
+    return names
+
+
+# torchvision's SSDLite: its backbone's two stages are ours in the same order (torchvision's `features.0`
+# ends with C4's expansion conv, as our `to_stride16` does); extras and heads keep their inner layout.
+_TORCHVISION_SSDLITE = (
+    (r"backbone\.features\.0\.(.+)", r"backbone.to_stride16.\1"),
+    (r"backbone\.features\.1\.(.+)", r"backbone.to_stride32.\1"),
+    (r"backbone\.extra\.(.+)", r"neck.extras.\1"),
+    (r"head\.regression_head\.module_list\.(\d+)\.(.+)", r"heads.\1.loc.\2"),
+    (r"head\.classification_head\.module_list\.(\d+)\.(.+)", r"heads.\1.conf.\2"),
+)
+
+# NVIDIA's SSD300: `feature_extractor.feature_extractor` is `nn.Sequential(*resnet50().children()[:7])`
+# (conv1, bn1, relu, maxpool, layer1..3); its extras have our BatchNorm block layout.
+_NVIDIA = (
+    (r"feature_extractor\.feature_extractor\.0", "backbone.conv1"),
+    (r"feature_extractor\.feature_extractor\.1", "backbone.bn1"),
+    (r"feature_extractor\.feature_extractor\.4\.(.+)", r"backbone.layer1.\1"),
+    (r"feature_extractor\.feature_extractor\.5\.(.+)", r"backbone.layer2.\1"),
+    (r"feature_extractor\.feature_extractor\.6\.(.+)", r"backbone.layer3.\1"),
+    (r"additional_blocks\.(\d+)\.(\d+)", r"neck.extras.\1.\2"),
+    (r"loc\.(\d+)", r"heads.\1.loc"),
+    (r"conf\.(\d+)", r"heads.\1.conf"),
+)
+
+
+def _box_major_to_ours(tensor: Tensor, boxes: int) -> Tensor:
+    """Head weights/biases with output channels value * A + box (NVIDIA) -> box * V + value (ours)."""
+    values = tensor.shape[0] // boxes
+    return tensor.reshape(values, boxes, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
+
+
+def _nvidia_heads_to_ours(converted: dict[str, Tensor]) -> dict[str, Tensor]:
+    for key, tensor in list(converted.items()):
+        match = re.fullmatch(r"heads\.(\d+)\.(loc|conf)\.(weight|bias)", key)
+        if match:
+            boxes = converted[f"heads.{match[1]}.loc.bias"].shape[0] // 4
+            converted[key] = _box_major_to_ours(tensor, boxes).contiguous()
+    return converted
+
+
 def _rename(state: Mapping[str, Tensor], names: Mapping[str, str], source: str) -> dict[str, Tensor]:
     converted: dict[str, Tensor] = {}
     unused = []
@@ -77,15 +133,32 @@ def _rename(state: Mapping[str, Tensor], names: Mapping[str, str], source: str) 
     return converted
 
 
-def convert_state_dict(state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
-    """Convert an SSD state dict from `source` ("ssd.pytorch" or "torchvision") to our key names.
+SOURCES = ("ssd.pytorch", "torchvision", "nvidia")
 
-    The result loads with a strict `load_state_dict` into `build_ssd(300, C)` (use `prior_preset_name="coco"`
-    for torchvision's weights, which were trained with the COCO prior sizes).
+
+def convert_state_dict(state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Convert an SSD state dict from `source` ("ssd.pytorch", "torchvision" or "nvidia") to our key names.
+
+    The result loads with a strict `load_state_dict` into the matching network:
+      ssd.pytorch: `build_ssd(300, C)`;
+      torchvision `ssd300_vgg16`: `build_ssd(300, C, prior_preset_name="torchvision")` (COCO prior sizes);
+      torchvision `ssdlite320_mobilenet_v3_large` (told apart by its keys):
+        `build_ssd(320, C, arch="mobilenet_v3_large")` (`reduced_tail=False` if built on ImageNet weights);
+      nvidia (SSD300 v1.1): `build_ssd(300, C, arch="resnet50", prior_preset_name="coco")`.
+    Training checkpoints that wrap the state dict under "model", and DataParallel's "module." prefixes,
+    are accepted.
     """
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
+    if isinstance(state_dict.get("model"), Mapping):  # training-script checkpoints
+        state_dict = state_dict["model"]
     state = {k.removeprefix("module."): v for k, v in state_dict.items()}  # DataParallel checkpoints
     if source == "ssd.pytorch":
         return _rename(state, _ssd_pytorch_names(state), source)
     if source == "torchvision":
+        if "head.regression_head.module_list.0.1.weight" in state:  # SSDLite's separable head
+            return _rename(state, _names_by_pattern(state, _TORCHVISION_SSDLITE), "torchvision SSDLite")
         return _rename(state, _torchvision_names(state), source)
-    raise ValueError(f"unknown source {source!r}; choose 'ssd.pytorch' or 'torchvision'")
+    # NVIDIA's DDP + AMP checkpoints may nest the model as "module.1." (as its torch.hub loader expects).
+    state = {k.removeprefix("1."): v for k, v in state.items()}
+    return _nvidia_heads_to_ours(_rename(state, _names_by_pattern(state, _NVIDIA), source))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -69,12 +70,20 @@ def _image_path(folder: Path, image_id: str, filename: str | None) -> Path:
 
 
 def parse_voc_annotation(
-    xml_path: Path, folder: Path, image_id: str, class_to_label: dict[str, int], index: int
+    xml_path: Path,
+    folder: Path,
+    image_id: str,
+    class_to_label: dict[str, int],
+    index: int,
+    left_out: Collection[str] = (),
+    left_out_counts: Counter[str] | None = None,
 ) -> ImageRecord | Problem:
     """One VOC XML file to an :class:`ImageRecord`, or the :class:`Problem` that prevents it.
 
     VOC boxes are 1-based inclusive pixel indices: pixel ``i`` covers ``[i-1, i]``, so the box
-    ``xmin..xmax`` spans ``[xmin - 1, xmax]`` in 0-based continuous coordinates.
+    ``xmin..xmax`` spans ``[xmin - 1, xmax]`` in 0-based continuous coordinates. Objects of a class in
+    ``left_out`` are skipped (counted in ``left_out_counts``); any other name not in ``class_to_label``
+    is a problem.
     """
     try:
         root = ET.parse(xml_path).getroot()
@@ -85,12 +94,17 @@ def parse_voc_annotation(
     size = root.find("size")
     width = _number(size, "width")
     height = _number(size, "height")
-    boxes, labels, difficult = [], [], []
+    boxes, labels, difficult, numbers = [], [], [], []
     for number, obj in enumerate(root.iter("object"), start=1):
         name = _text(obj, "name")
         if name not in class_to_label:
+            if name in left_out:
+                if left_out_counts is not None:
+                    left_out_counts[name] += 1
+                continue
             known = ", ".join(class_to_label)
             return Problem(str(xml_path), f"object {number} has unknown class name {name!r} (known: {known})")
+        numbers.append(number)  # messages name objects by their place in the XML
         box = obj.find("bndbox")
         boxes.append(
             [_number(box, "xmin") - 1, _number(box, "ymin") - 1, _number(box, "xmax"), _number(box, "ymax")]
@@ -107,6 +121,7 @@ def parse_voc_annotation(
         boxes=np.array(boxes, np.float32).reshape(-1, 4),
         labels=np.array(labels, np.int64),
         difficult=np.array(difficult, bool),
+        object_ids=np.array(numbers, np.int64),
     )
 
 
@@ -124,7 +139,10 @@ class VOCDetection(DetectionDataset):
         root: folder holding ``VOC2007/``, ``VOC2012/``... (a ``VOCdevkit`` folder).
         image_sets: ``(year, set)`` pairs, e.g. ``[(2007, "trainval"), (2012, "trainval")]``; a year whose
             folder is absent is skipped with a warning, none present is an error.
-        classes: class names (VOC's 20 by default); an object of another class is an error.
+        classes: class names to train on (VOC's 20 by default), possibly a subset of the data's.
+        data_classes: every class the data may hold; objects of these that are not in ``classes`` are
+            left out (as COCO leaves out other categories), any other class name is an error. None: a
+            year folder's ``classes.txt`` if it has one, else VOC's 20 classes.
         transform, keep_difficult, skip_bad_samples, verify_images: see :class:`DetectionDataset`.
     """
 
@@ -134,6 +152,7 @@ class VOCDetection(DetectionDataset):
         image_sets: Sequence[ImageSet] = ((2007, "trainval"), (2012, "trainval")),
         classes: Sequence[str] = VOC_CLASSES,
         *,
+        data_classes: Sequence[str] | None = None,
         transform: Transform | None = None,
         keep_difficult: bool = True,
         skip_bad_samples: bool = False,
@@ -150,19 +169,31 @@ class VOCDetection(DetectionDataset):
 
         records: list[ImageRecord] = []
         problems: list[Problem] = []
+        left_out_counts: Counter[str] = Counter()
         for year, image_set in present:
             folder = voc_folder(root, year)
             ids = _read_split(folder / "ImageSets" / "Main" / f"{image_set}.txt")
             if isinstance(ids, Problem):
                 problems.append(ids)
                 continue
+            left_out = set(_data_classes(folder, data_classes)) - set(class_to_label)
             for image_id in ids:
                 xml_path = folder / "Annotations" / f"{image_id}.xml"
-                parsed = parse_voc_annotation(xml_path, folder, image_id, class_to_label, len(records))
+                parsed = parse_voc_annotation(
+                    xml_path, folder, image_id, class_to_label, len(records), left_out, left_out_counts
+                )
                 if isinstance(parsed, Problem):
                     problems.append(parsed)
                 else:
                     records.append(parsed)
+        if left_out_counts:
+            counts = ", ".join(f"{n} {c}" for c, n in left_out_counts.most_common())
+            log.info(
+                "%s: left out %d object(s) of classes not trained on: %s",
+                name,
+                left_out_counts.total(),
+                counts,
+            )
         super().__init__(
             records,
             classes,
@@ -173,3 +204,10 @@ class VOCDetection(DetectionDataset):
             skip_bad_samples=skip_bad_samples,
             verify_images=verify_images,
         )
+
+
+def _data_classes(folder: Path, given: Sequence[str] | None) -> list[str]:
+    if given is not None:
+        return list(given)
+    class_file = folder / "classes.txt"
+    return read_class_file(class_file) if class_file.is_file() else list(VOC_CLASSES)

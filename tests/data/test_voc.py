@@ -140,3 +140,42 @@ def test_skip_bad_samples_trains_on_the_rest(make_voc: Callable[..., Path]) -> N
     dataset = VOCDetection(root, [(2007, "train")], ["dog"], skip_bad_samples=True)
     assert [r.name for r in dataset.records] == ["ok"]
     assert len(dataset.errors) == 1
+
+
+def test_a_subset_of_the_voc_classes_trains_on_coco128(coco128_voc: Path) -> None:
+    # conf/dataset/voc.yaml advertises dataset.classes=[cat,dog] (which reaches VOCDetection as is):
+    # objects of the other VOC classes are left out of the targets, their images stay.
+    train = VOCDetection(coco128_voc, [(2007, "train")], ["cat", "dog"])
+    assert train.num_classes == 3 and len(train) == 59
+    expected = {"cat": 0, "dog": 0}
+    for record in train.records:
+        names = [obj.findtext("name") for obj in ET.parse(record.annotation).getroot().iter("object")]
+        expected["cat"] += names.count("cat")
+        expected["dog"] += names.count("dog")
+    labels = np.concatenate([r.labels for r in train.records])
+    assert {"cat": int((labels == 1).sum()), "dog": int((labels == 2).sum())} == expected
+    assert expected["cat"] > 0 and expected["dog"] > 0
+
+
+def test_objects_of_other_known_classes_are_left_out_and_unknown_names_stay_errors(
+    make_voc: Callable[..., Path],
+) -> None:
+    root = make_voc(
+        {
+            "a": [("cat", (1, 1, 10, 10), 0), ("dog", (5, 6, 30, 40), 0), ("dog", (1, 1, 100, 10), 0)],
+            "b": [("person", (1, 1, 64, 48), 0)],
+        }
+    )
+    with pytest.raises(DatasetError) as caught:
+        VOCDetection(root, [(2007, "train")], ["dog"])
+    # Only the box outside the image is a problem, named by its place in the XML (the cat was skipped).
+    assert [p.message for p in caught.value.problems] == [
+        "object 3 box (0, 0, 100, 10) lies outside the 64x48 image"
+    ]
+    (root / "VOC2007" / "classes.txt").write_text("dog\ncat\n")  # the data's own class list
+    with pytest.raises(DatasetError, match="unknown class name 'person'"):
+        VOCDetection(root, [(2007, "train")], ["dog"])
+    dataset = VOCDetection(
+        root, [(2007, "train")], ["dog"], data_classes=["cat", "dog", "person"], skip_bad_samples=True
+    )
+    assert [r.name for r in dataset.records] == ["b"] and dataset.records[0].num_boxes == 0

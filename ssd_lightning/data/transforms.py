@@ -15,6 +15,7 @@ the original image on the way in, normalised to [0, 1] of the output image on th
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -293,6 +294,12 @@ class DetectionTransform:
     The image is RGB uint8 HxWx3 and ``target["boxes"]`` xyxy pixels; the output target holds torch
     tensors: ``boxes`` float32 [N,4] in [0,1] of the output image with positive area, ``labels``
     int64 and ``difficult`` bool aligned with them, ``image_id`` and ``orig_size`` passed through.
+
+    In a process other than the one that built or last reseeded it (a DataLoader worker), the first
+    call reseeds the pipeline from :meth:`reseed`'s seed and ``torch.initial_seed()``, which differs per
+    worker and, with non-persistent workers, per epoch: workers never repeat each other or an earlier
+    epoch, whatever wraps the dataset (``Subset``, ``ConcatDataset``...), and a seeded run is
+    reproducible.
     """
 
     def __init__(self, steps: Sequence[A.BasicTransform | A.BaseCompose]):
@@ -302,15 +309,28 @@ class DetectionTransform:
             # transform can be mixed in
             bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels", "difficult"], clip=True),
         )
+        self._seed: int | None = None
+        self._pid = os.getpid()
 
     def reseed(self, seed: int) -> None:
-        """Give the whole pipeline one random stream seeded with ``seed`` (e.g. per DataLoader worker).
+        """Give the whole pipeline one random stream seeded with ``seed`` (e.g. per split and rank); a
+        DataLoader worker derives its own stream from it (see the class docstring).
 
         One shared stream: albumentations' own ``set_random_seed`` gives every step the same seed.
         """
+        self._seed, self._pid = int(seed), os.getpid()
+        self._set_stream(self._seed)
+
+    def _set_stream(self, seed: int) -> None:
         self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
     def __call__(self, image: np.ndarray, target: Target) -> tuple[torch.Tensor, Target]:
+        # First call in a new (worker) process: its copy of the stream is the parent's, the same in every
+        # worker and, with non-persistent workers, in every epoch.
+        if os.getpid() != self._pid:
+            self._pid = os.getpid()
+            entropy = [torch.initial_seed()] + ([] if self._seed is None else [self._seed % 2**63])
+            self._set_stream(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
         out = self.pipeline(
             image=image,
             bboxes=np.asarray(target["boxes"], np.float32).reshape(-1, 4),

@@ -35,7 +35,7 @@ def image_dataset(source: str | Path, classes: list[str], transform: DetectionTr
     if not path.is_file():
         raise FileNotFoundError(f"input={source}: no such file or folder")
     record = ImageRecord(path=path, annotation=path, name=path.name, image_id=0, width=0, height=0)
-    return DetectionDataset([record], classes, name=str(path), transform=transform)
+    return DetectionDataset([record], classes, name=str(path), transform=transform, exif_orientation=True)
 
 
 def _coco_image_id(record: ImageRecord) -> int:
@@ -66,7 +66,7 @@ def coco_results(prediction: dict[str, Any], category_ids: list[int] | None) -> 
 
 def draw(prediction: dict[str, Any], min_score: float) -> torch.Tensor:
     """The input image (uint8 [3,H,W]) with the boxes scoring >= min_score and their captions."""
-    image = torch.from_numpy(decode_rgb(prediction["path"])).permute(2, 0, 1)
+    image = torch.from_numpy(decode_rgb(prediction["path"], exif_orientation=True)).permute(2, 0, 1)
     keep = prediction["scores"] >= min_score
     captions = [
         f"{name} {score:.2f}"

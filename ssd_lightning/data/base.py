@@ -9,6 +9,7 @@ in the constructor, so bad data fails before training starts, never inside a Dat
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -106,27 +107,66 @@ class ImageRecord:
         self.difficult, self.object_ids = self.difficult[mask], self.object_ids[mask]
 
 
-def decode_rgb(path: str | os.PathLike) -> np.ndarray:
+def decode_rgb(path: str | os.PathLike, exif_orientation: bool = False) -> np.ndarray:
     """Decode an image file to an RGB uint8 HxWx3 array (grayscale, RGBA, PNG and 16-bit all end RGB).
 
-    EXIF orientation is ignored on purpose: VOC/COCO boxes refer to the stored pixel grid.
+    EXIF orientation is ignored by default: VOC/COCO boxes refer to the stored pixel grid.
+    ``exif_orientation=True`` applies it, as photo viewers do (for photos to predict on).
     """
     data = np.fromfile(path, dtype=np.uint8)  # fromfile+imdecode also handles non-ASCII paths
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) if data.size else None
+    flags = cv2.IMREAD_COLOR if exif_orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    image = cv2.imdecode(data, flags) if data.size else None
     if image is None:
         raise DatasetError("image decoding", [Problem(str(path), "OpenCV cannot decode this image")])
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def read_image_size(path: Path) -> tuple[int, int] | str:
+_EXIF_ORIENTATION = 0x0112
+_ORIENTATION_WORDS = {
+    2: "mirrored",
+    3: "rotated 180 degrees",
+    4: "mirrored upside down",
+    5: "mirrored and rotated 90 degrees",
+    6: "rotated 90 degrees clockwise",
+    7: "mirrored and rotated 90 degrees",
+    8: "rotated 90 degrees counter-clockwise",
+}
+
+
+def exif_orientation_of(path: str | os.PathLike) -> int:
+    """The EXIF orientation tag of an image file, 1 (as stored) when it has none or cannot be read."""
+    try:
+        with Image.open(path) as image:
+            value = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):
+        return 1
+    return int(value) if value in _ORIENTATION_WORDS else 1
+
+
+def _orientation_note(path: str | os.PathLike) -> str:
+    """Why a file's size may disagree with its annotation, when its EXIF orientation says it is turned."""
+    tag = exif_orientation_of(path)
+    if tag == 1:
+        return ""
+    return (
+        f"; the file has an EXIF orientation tag ({tag}: shown {_ORIENTATION_WORDS[tag]}), which is "
+        "ignored because boxes refer to the stored pixels: if the annotation was drawn on the turned "
+        "view, save the image turned (e.g. PIL.ImageOps.exif_transpose) without the tag"
+    )
+
+
+def read_image_size(path: Path, exif_orientation: bool = False) -> tuple[int, int] | str:
     """Cheap header check: (width, height), or a message saying why the file is unusable.
 
     Reads the header and the last few KiB only; a JPEG/PNG whose end marker is missing there is
-    decoded in full to tell a truncated file from one with trailing bytes.
+    decoded in full to tell a truncated file from one with trailing bytes. ``exif_orientation=True``
+    gives the size after the EXIF orientation is applied (see :func:`decode_rgb`).
     """
     try:
         with Image.open(path) as image:
             size = image.size
+            if exif_orientation and image.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
+                size = (size[1], size[0])
             kind = image.format
             end_marker = {"JPEG": _JPEG_END, "PNG": _PNG_END}.get(kind)
             if end_marker is not None and not _has_end_marker(path, end_marker):
@@ -157,14 +197,17 @@ def map_in_threads(function: Callable[[Any], Any], items: Sequence[Any]) -> list
         return list(pool.map(function, items, chunksize=32))
 
 
-def _check_image_files(records: Sequence[ImageRecord], read_headers: bool) -> dict[int, Problem]:
+def _check_image_files(
+    records: Sequence[ImageRecord], read_headers: bool, exif_orientation: bool = False
+) -> dict[int, Problem]:
     """Fill unknown sizes from the headers; report missing, undecodable or mis-sized images by record index.
 
     Without ``read_headers`` only existence is checked (plus headers of images whose size is unknown).
     """
     problems: dict[int, Problem] = {}
     header_rows = [i for i, r in enumerate(records) if read_headers or r.width <= 0 or r.height <= 0]
-    sizes = map_in_threads(read_image_size, [records[i].path for i in header_rows])
+    read_size = functools.partial(read_image_size, exif_orientation=exif_orientation)
+    sizes = map_in_threads(read_size, [records[i].path for i in header_rows])
     for row, result in zip(header_rows, sizes, strict=True):
         record = records[row]
         if isinstance(result, str):
@@ -175,7 +218,8 @@ def _check_image_files(records: Sequence[ImageRecord], read_headers: bool) -> di
             problems[row] = Problem(
                 str(record.path),
                 f"image is {result[0]}x{result[1]} but {record.where}{record.annotation.name} says "
-                f"{record.width}x{record.height}",
+                f"{record.width}x{record.height}"
+                + ("" if exif_orientation else _orientation_note(record.path)),
             )
     other_rows = sorted(set(range(len(records))) - set(header_rows))
     exists = map_in_threads(os.path.isfile, [records[i].path for i in other_rows])
@@ -270,6 +314,8 @@ class DetectionDataset(Dataset):
         keep_difficult: keep objects flagged difficult (VOC) or crowd (COCO); False for training.
         skip_bad_samples: drop images with problems (counted in a warning) instead of raising.
         verify_images: read every image header up front (existence is always checked).
+        exif_orientation: show images as their EXIF orientation tag says (sizes and boxes then refer to
+            the turned view); off for annotated data, whose boxes refer to the stored pixels.
     """
 
     def __init__(
@@ -283,11 +329,13 @@ class DetectionDataset(Dataset):
         keep_difficult: bool = True,
         skip_bad_samples: bool = False,
         verify_images: bool = True,
+        exif_orientation: bool = False,
     ):
         self.name = name
         self.classes = list(classes)
         self.transform = transform
-        file_problems = _check_image_files(records, read_headers=verify_images)
+        self.exif_orientation = exif_orientation
+        file_problems = _check_image_files(records, verify_images, exif_orientation)
         usable = [r for i, r in enumerate(records) if i not in file_problems]
         box_errors, box_warnings = _validate_boxes(usable)
         errors = list(problems) + list(file_problems.values()) + [p for ps in box_errors.values() for p in ps]
@@ -345,15 +393,16 @@ class DetectionDataset(Dataset):
     def load_image(self, index: int) -> np.ndarray:
         """Decode image ``index`` as RGB uint8, checking it matches the size its boxes refer to."""
         record = self.records[index]
-        image = decode_rgb(record.path)
+        image = decode_rgb(record.path, self.exif_orientation)
         if image.shape[:2] != (record.height, record.width):
+            note = "" if self.exif_orientation else _orientation_note(record.path)
             raise DatasetError(
                 self.name,
                 [
                     Problem(
                         str(record.path),
                         f"decoded image is {image.shape[1]}x{image.shape[0]}, "
-                        f"annotation says {record.width}x{record.height}",
+                        f"annotation says {record.width}x{record.height}{note}",
                     )
                 ],
             )
@@ -373,6 +422,7 @@ class ImageFolderDataset(DetectionDataset):
     """Every image under ``root`` (recursively, sorted), without annotations: for prediction.
 
     Targets have no boxes; ``image_id`` is the position in :attr:`records`, whose ``path`` names the file.
+    Photos are shown as their EXIF orientation says unless ``exif_orientation=False``.
     """
 
     def __init__(
@@ -383,6 +433,7 @@ class ImageFolderDataset(DetectionDataset):
         transform: Transform | None = None,
         skip_bad_samples: bool = False,
         verify_images: bool = True,
+        exif_orientation: bool = True,
     ):
         root = Path(root)
         name = f"images in {root}"
@@ -402,4 +453,5 @@ class ImageFolderDataset(DetectionDataset):
             transform=transform,
             skip_bad_samples=skip_bad_samples,
             verify_images=verify_images,
+            exif_orientation=exif_orientation,
         )

@@ -85,7 +85,9 @@ def predict(cfg: DictConfig) -> Path:
     check_accelerator(cfg.trainer)
     module = load_for_inference(cfg)
     hparams = module.hparams
-    transform = build_eval_transform(module.image_size, hparams.pixel_mean, hparams.pixel_std)
+    transform = build_eval_transform(
+        module.image_size, hparams.pixel_mean, hparams.pixel_std, normalize=False
+    )
     dataset = image_dataset(cfg.input, module.class_names, transform)
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_detection

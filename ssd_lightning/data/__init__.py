@@ -17,6 +17,7 @@ from .transforms import (
     IoUCrop,
     build_eval_transform,
     build_train_transform,
+    normalize_images,
     photometric_distortion,
 )
 from .voc import VOC_CLASSES, VOCDetection
@@ -43,6 +44,7 @@ __all__ = [
     "decode_rgb",
     "default_shapes_root",
     "ensure_shapes_dataset",
+    "normalize_images",
     "photometric_distortion",
     "render_scene",
     "seed_worker",

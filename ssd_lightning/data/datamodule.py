@@ -31,7 +31,8 @@ _COCO_DEFAULT_SPLITS = {"train": "train2017", "val": "val2017", "test": None}  #
 
 
 def collate_detection(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[torch.Tensor, list[Target]]:
-    """Stack the images to [B,3,S,S]; keep the targets as a list of dicts (their box counts differ)."""
+    """Stack the images to [B,3,S,S] (uint8 from the data module's transforms, float32 from normalising
+    ones); keep the targets as a list of dicts (their box counts differ)."""
     images, targets = zip(*batch, strict=True)
     return torch.stack(images), list(targets)
 
@@ -70,7 +71,9 @@ class DetectionDataModule(pl.LightningDataModule):
     ``classes``, ``num_classes`` (with background), ``image_size``, ``mean``, ``std`` (0-255 RGB) and,
     for COCO, ``label_to_category_id`` are set on construction; the datasets are built (and every
     image and box validated) in :meth:`setup`. Batches are ``(images [B,3,S,S], list of target dicts)``
-    with boxes normalised to [0,1] (see :class:`~ssd_lightning.data.base.DetectionDataset`).
+    with boxes normalised to [0,1] (see :class:`~ssd_lightning.data.base.DetectionDataset`). Images are
+    uint8 RGB, 4x less to copy to an accelerator than floats: normalise them where they arrive with
+    :func:`~ssd_lightning.data.transforms.normalize_images` (``SSDLitModule`` does it itself).
 
     Args:
         format: ``shapes`` (built-in, generated on first use), ``voc`` or ``coco``.
@@ -215,7 +218,7 @@ class DetectionDataModule(pl.LightningDataModule):
     ) -> DetectionDataset:
         """The validated dataset of ``split`` (train, val, test or predict).
 
-        ``transform="default"`` gives the training augmentation for train and resize-only otherwise;
+        ``transform="default"`` gives the training augmentation for train and resize-only otherwise (uint8);
         ``skip_bad_samples``, ``verify_images`` and ``keep_difficult`` None take the configured values
         (difficult/crowd objects are kept everywhere but in train, unless ``keep_difficult_in_train``).
         """
@@ -223,9 +226,11 @@ class DetectionDataModule(pl.LightningDataModule):
             raise ValueError(f"unknown split {split!r}")
         if transform == "default":
             transform = (
-                build_train_transform(self.image_size, self.mean, self.std, **self.augmentation)
+                build_train_transform(
+                    self.image_size, self.mean, self.std, **self.augmentation, normalize=False
+                )
                 if split == "train"
-                else build_eval_transform(self.image_size, self.mean, self.std)
+                else build_eval_transform(self.image_size, self.mean, self.std, normalize=False)
             )
         options = {
             "transform": transform,

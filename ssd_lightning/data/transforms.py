@@ -4,6 +4,11 @@ Train: photometric distortion -> zoom-out (expand) -> IoU-constrained crop -> re
 flip -> normalise -> tensor. Eval: resize -> normalise -> tensor. Flipping after the resize is
 equivalent to the paper's flip-then-resize and touches 4x fewer pixels.
 
+Every step before the normalisation keeps the pixels uint8, so ``normalize=False`` returns them as a
+uint8 tensor (4x less to copy to an accelerator) and :func:`normalize_images` gives, on any device,
+exactly the numbers the normalising pipeline would have. The data module and the CLI use uint8;
+:class:`~ssd_lightning.training.module.SSDLitModule` normalises uint8 batches on the device.
+
 albumentations has neither the SSD zoom-out nor the SSD crop, so :class:`Expand` and :class:`IoUCrop`
 are written here as albumentations transforms. The train pipeline uses :class:`ExpandIoUCropResize`,
 which samples the geometry of both first and then computes the output pixels with a single affine
@@ -15,6 +20,7 @@ the original image on the way in, normalised to [0, 1] of the output image on th
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections.abc import Sequence
@@ -353,9 +359,35 @@ class DetectionTransform:
         }
 
 
-def _to_tensor_steps(mean: Sequence[float], std: Sequence[float]) -> list[A.BasicTransform]:
+def _to_tensor_steps(mean: Sequence[float], std: Sequence[float], normalize: bool) -> list[A.BasicTransform]:
+    if not normalize:
+        return [ToTensorV2()]  # keeps the dtype: uint8 [3,S,S]
     # mean/std are on the 0-255 scale, hence max_pixel_value=1
     return [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=1.0), ToTensorV2()]
+
+
+def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 RGB images [..., 3, H, W] -> float32 ``(pixel - mean) / std`` on their device (mean/std on
+    the 0-255 scale), bit for bit what the ``normalize=True`` transforms give.
+
+    Computed as albumentations does: ``(pixel - mean) * (1 / std)`` with the reciprocal in float32.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize_images expects uint8 pixels, got {images.dtype}")
+    mean_t, inv_std_t = _normalization_constants(
+        tuple(float(v) for v in mean), tuple(float(v) for v in std), images.device
+    )
+    return (images.float() - mean_t) * inv_std_t
+
+
+@functools.lru_cache(maxsize=16)
+def _normalization_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached per device: copied to an accelerator once, not in every training step.
+    mean_t = torch.from_numpy(np.asarray(mean, np.float32).reshape(3, 1, 1)).to(device)
+    inv_std_t = torch.from_numpy(np.reciprocal(np.asarray(std, np.float32)).reshape(3, 1, 1)).to(device)
+    return mean_t, inv_std_t
 
 
 def build_train_transform(
@@ -371,8 +403,14 @@ def build_train_transform(
     crop_aspect: tuple[float, float] = (0.5, 2.0),
     crop_max_trials: int = 50,
     hflip_p: float = 0.5,
+    normalize: bool = True,
 ) -> DetectionTransform:
-    """The SSD training augmentation for ``image_size`` square outputs; mean/std on the 0-255 scale."""
+    """The SSD training augmentation for ``image_size`` square outputs; mean/std on the 0-255 scale.
+
+    ``normalize=True`` returns float32 ``(pixel - mean) / std`` images, what ``SSD.forward`` takes;
+    ``False`` returns the uint8 pixels, for :func:`normalize_images` on the device (what the data
+    module does). ``mean`` also fills the zoom-out canvas either way.
+    """
     steps: list[Any] = [photometric_distortion()] if photometric else []
     steps += [
         ExpandIoUCropResize(
@@ -384,13 +422,17 @@ def build_train_transform(
             ),
         ),
         A.HorizontalFlip(p=hflip_p),
-        *_to_tensor_steps(mean, std),
+        *_to_tensor_steps(mean, std, normalize),
     ]
     return DetectionTransform(steps)
 
 
-def build_eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> DetectionTransform:
-    """Resize to ``image_size`` square, normalise, to tensor; boxes are only rescaled, never dropped."""
-    return DetectionTransform(
-        [A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR), *_to_tensor_steps(mean, std)]
-    )
+def build_eval_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float], *, normalize: bool = True
+) -> DetectionTransform:
+    """Resize to ``image_size`` square, normalise, to tensor; boxes are only rescaled, never dropped.
+
+    ``normalize=False`` returns uint8 pixels instead (see :func:`build_train_transform`).
+    """
+    resize = A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR)
+    return DetectionTransform([resize, *_to_tensor_steps(mean, std, normalize)])

@@ -35,7 +35,10 @@ class LastCheckpoint(ModelCheckpoint):
 
 
 def denormalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """A normalised [3,H,W] image back to uint8 HxWx3 RGB (mean/std on the 0-255 scale)."""
+    """A normalised [3,H,W] image back to uint8 HxWx3 RGB (mean/std on the 0-255 scale); uint8 pixels
+    (the data module's images before `SSDLitModule` normalises them) are only transposed."""
+    if image.dtype == torch.uint8:
+        return image.permute(1, 2, 0).cpu().numpy()
     mean_t = torch.as_tensor(mean, dtype=torch.float32, device=image.device)[:, None, None]
     std_t = torch.as_tensor(std, dtype=torch.float32, device=image.device)[:, None, None]
     pixels = (image.float() * std_t + mean_t).clamp(0, 255).round().to(torch.uint8)

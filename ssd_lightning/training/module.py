@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from ssd_lightning.data.transforms import normalize_images
 from ssd_lightning.loss import MultiBoxLoss
 from ssd_lightning.models import build_ssd
 from ssd_lightning.training.evaluation import (
@@ -86,6 +87,15 @@ class SSDLitModule(pl.LightningModule):
     @property
     def image_size(self) -> int:
         return self.net.image_size
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise uint8 images (what the data module sends: 4x less to copy) on the device, in float32,
+        then cast to the network's dtype (Lightning converted the batch before it held floats)."""
+        images, targets = batch
+        if isinstance(images, Tensor) and images.dtype == torch.uint8:
+            images = normalize_images(images, self.hparams["pixel_mean"], self.hparams["pixel_std"])
+            images = images.to(next(self.net.parameters()).dtype)
+        return images, targets
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         if self.channels_last:

@@ -40,7 +40,7 @@ def test_train_batches_follow_the_contract(shapes_datamodule: DetectionDataModul
     loader = shapes_datamodule.train_dataloader()
     assert isinstance(loader.sampler, RandomSampler)  # Lightning swaps in a DistributedSampler under DDP
     images, targets = next(iter(loader))
-    assert images.shape == (4, 3, 96, 96) and images.dtype == torch.float32
+    assert images.shape == (4, 3, 96, 96) and images.dtype == torch.uint8  # normalised on the device
     assert len(targets) == 4
     for target in targets:
         assert set(target) == {"boxes", "labels", "difficult", "image_id", "orig_size"}

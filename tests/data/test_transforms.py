@@ -19,6 +19,7 @@ from ssd_lightning.data.transforms import (
     boxes_into_window,
     build_eval_transform,
     build_train_transform,
+    normalize_images,
     photometric_distortion,
 )
 
@@ -286,3 +287,18 @@ def test_photometric_distortion_follows_the_paper_order() -> None:
     assert contrast_last[2] is contrast_first[0]
     assert all(step.p == 0.5 for step in contrast_first)
     assert isinstance(channel_swap, A.ChannelShuffle) and channel_swap.p == 0.5
+
+
+def test_uint8_output_normalised_by_normalize_images_is_the_float_output() -> None:
+    # Every byte value in every channel, at the output size so the resize keeps them as they are.
+    values = np.arange(256, dtype=np.uint8)
+    image = np.stack(
+        [values.reshape(16, 16), values[::-1].reshape(16, 16), np.roll(values, 7).reshape(16, 16)], -1
+    )
+    target = {"boxes": np.zeros((0, 4)), "labels": [], "difficult": [], "image_id": 0, "orig_size": [16, 16]}
+    floats, _ = build_eval_transform(16, MEAN, STD)(image, target)
+    pixels, _ = build_eval_transform(16, MEAN, STD, normalize=False)(image, target)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 16, 16)
+    assert torch.equal(normalize_images(pixels[None], MEAN, STD)[0], floats)
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_images(floats, MEAN, STD)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ssd_lightning.data import collate_detection
+from ssd_lightning.data import build_eval_transform, build_train_transform, collate_detection
+from ssd_lightning.data.transforms import normalize_images
+from ssd_lightning.training.callbacks import denormalize
 from ssd_lightning.training.evaluation import DetectionEvaluator, detections_in_pixels
 from ssd_lightning.training.module import SSDLitModule
 from ssd_lightning.training.optim import warmup_multistep
@@ -205,3 +209,69 @@ def test_checkpoint_alone_rebuilds_the_module(tmp_path: Path) -> None:
 def test_num_classes_is_not_a_model_setting() -> None:
     with pytest.raises(ValueError, match="follows the dataset"):
         make_module(net={"arch": "compact", "size": SIZE, "num_classes": 5})
+
+
+MEAN = [123.675, 116.28, 103.53]
+STD = [58.395, 57.12, 57.375]
+
+
+def _transformed(normalize: bool, train: bool) -> list[tuple[torch.Tensor, dict]]:
+    """Four photos-like uint8 images through the data module's transforms, float or uint8 out."""
+    rng = np.random.default_rng(1)
+    build = build_train_transform if train else build_eval_transform
+    transform = build(SIZE, MEAN, STD, normalize=normalize)
+    transform.reseed(7)  # the same augmentation draws both ways
+    items = []
+    for index in range(4):
+        height, width = 70 + 10 * index, 90
+        image = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), (5, 5), 2)
+        target = {
+            "boxes": np.array([[10, 10, 60, 50], [40, 20, 85, 65]], np.float32),
+            "labels": np.array([1, 3]),
+            "difficult": np.array([False, False]),
+            "image_id": index,
+            "orig_size": np.array([height, width]),
+        }
+        items.append(transform(image, target))
+    return items
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_uint8_batches_normalised_on_the_device_give_the_float_path_numbers(train: bool) -> None:
+    floats, pixels = _transformed(normalize=True, train=train), _transformed(normalize=False, train=train)
+    assert pixels[0][0].dtype == torch.uint8 and floats[0][0].dtype == torch.float32
+    module = make_module(pixel_mean=MEAN, pixel_std=STD)
+    float_batch = collate_detection(floats)
+    images, targets = module.on_after_batch_transfer(collate_detection(pixels), 0)
+    assert images.dtype == torch.float32 and torch.equal(images, float_batch[0])  # bit for bit
+    for a, b in zip(targets, float_batch[1], strict=True):
+        assert a["boxes"].equal(b["boxes"]) and a["labels"].equal(b["labels"])
+    # Through Lightning's loops (the hook runs after the transfer): the same step, the same numbers.
+    results = []
+    for items in (floats, pixels):
+        torch.manual_seed(0)
+        module = make_module(pixel_mean=MEAN, pixel_std=STD)
+        batches = DataLoader(items, batch_size=2, collate_fn=collate_detection)
+        trainer(max_steps=2).fit(module, batches)
+        predictions = trainer().predict(module, batches)
+        results.append((torch.cat([p.flatten() for p in module.parameters()]), predictions))
+    (float_weights, float_predictions), (uint8_weights, uint8_predictions) = results
+    assert torch.equal(float_weights, uint8_weights)
+    for a, b in zip(sum(float_predictions, []), sum(uint8_predictions, []), strict=True):
+        assert a["boxes"].equal(b["boxes"]) and a["scores"].equal(b["scores"])
+
+
+def test_device_normalisation_follows_the_network_dtype() -> None:
+    module = make_module(pixel_mean=MEAN, pixel_std=STD).to(torch.bfloat16)
+    images, _ = module.on_after_batch_transfer(collate_detection(_transformed(False, False)), 0)
+    assert images.dtype == torch.bfloat16
+    floats = collate_detection(_transformed(True, False))[0]
+    assert torch.equal(images, floats.to(torch.bfloat16))  # normalised in float32, then cast
+
+
+def test_wandb_image_panel_shows_the_same_pixels_for_uint8_and_normalised_images() -> None:
+    pixels = collate_detection(_transformed(False, True))[0][0]
+    shown = denormalize(pixels, MEAN, STD)
+    assert shown.dtype == np.uint8 and shown.shape == (SIZE, SIZE, 3)
+    assert np.array_equal(shown, pixels.permute(1, 2, 0).numpy())
+    assert np.array_equal(denormalize(normalize_images(pixels, MEAN, STD), MEAN, STD), shown)

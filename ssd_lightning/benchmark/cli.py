@@ -43,6 +43,21 @@ COMPILE_WARMUP = 5
 # Batch of the training step and of inference throughput.
 NETWORK_BATCH = {"cpu": 2, "cuda": 32}
 INFERENCE_BATCH = {"cpu": 4, "cuda": 32}
+ARCHS = ("vgg16", "compact", "mobilenet_v3_large", "resnet50")
+# Input sizes when --size is not given: (train-step, inference) per arch.
+DEFAULT_SIZES = {
+    "vgg16": ([300, 512], [300]),
+    "compact": ([300], [300]),
+    "mobilenet_v3_large": ([320], [320]),
+    "resnet50": ([300], [300]),
+}
+
+
+def _sizes(args: argparse.Namespace, training: bool) -> list[int]:
+    if args.size:
+        return list(args.size)
+    train_sizes, inference_sizes = DEFAULT_SIZES[args.arch]
+    return train_sizes if training else inference_sizes
 
 
 def _settings(args: argparse.Namespace, device: torch.device, benchmark: str) -> Settings:
@@ -115,7 +130,7 @@ def run_train_step(args: argparse.Namespace, device: torch.device) -> list[Resul
     base = _settings(args, device, "train-step")
     batch = args.batch or NETWORK_BATCH[device.type]
     results = []
-    for size in args.size:
+    for size in _sizes(args, training=True):
         for fast in _network_variants(args, training=True):
             _log(f"train-step: SSD{size}, batch {batch}, {fast}")
             results.append(
@@ -128,7 +143,7 @@ def run_inference(args: argparse.Namespace, device: torch.device) -> list[Result
     base = _settings(args, device, "inference")
     batch = args.batch or INFERENCE_BATCH[device.type]
     results = []
-    for size in args.size:
+    for size in _sizes(args, training=False):
         for fast in _network_variants(args, training=False):
             for images in (1, batch):
                 _log(f"inference: SSD{size}, batch {images}, {fast}")
@@ -224,13 +239,18 @@ def _common_options() -> argparse.ArgumentParser:
 
 def _network_options(parser: argparse.ArgumentParser, optimizer: bool) -> None:
     parser.add_argument(
-        "--size", type=int, nargs="+", default=[300], help="300 | 512 (vgg16); any for compact"
+        "--size",
+        type=int,
+        nargs="+",
+        help="300 | 512 (vgg16), 320 (mobilenet_v3_large), 300 (resnet50), any (compact); default: "
+        "300 and 512 for a vgg16 train-step, 320 for mobilenet_v3_large, else 300",
     )
     parser.add_argument(
         "--arch",
-        choices=("vgg16", "compact"),
+        choices=ARCHS,
         default="vgg16",
-        help="compact: the CPU-sized model, ours only",
+        help="mobilenet_v3_large: SSDLite320 vs torchvision's; resnet50 (NVIDIA's SSD300) and compact (the "
+        "CPU-sized model): ours only",
     )
     parser.add_argument("--batch", type=int, help="batch size (default: 32 on CUDA, small on CPU)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")
@@ -257,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="python -m ssd_lightning.benchmark",
-        description="Benchmarks of ssd_lightning against torchvision's ssd300_vgg16 doing the same work.",
+        description="Benchmarks of ssd_lightning against torchvision's ssd300_vgg16 (and ssdlite320) "
+        "doing the same work.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -281,7 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train-step", parents=[common], help="forward+loss+backward+SGD, images/s")
     _network_options(train, optimizer=True)
-    train.set_defaults(size=[300, 512])
 
     infer = commands.add_parser("inference", parents=[common], help="batch-1 latency, batch-N throughput")
     _network_options(infer, optimizer=False)

@@ -1,4 +1,5 @@
-"""torchvision's `ssd300_vgg16` driven the way our model is: on resized, normalised batches.
+"""torchvision's `ssd300_vgg16` and `ssdlite320_mobilenet_v3_large` driven the way our model is: on resized,
+normalised batches.
 
 Its `forward` also runs `GeneralizedRCNNTransform` (normalise + resize of a list of images), which in our
 framework is data-pipeline work, so the steps of its forward are called here one by one instead: backbone,
@@ -11,13 +12,15 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection import ssd300_vgg16
+from torchvision.models.detection import ssd300_vgg16, ssdlite320_mobilenet_v3_large
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
 from ssd_lightning.benchmark.workloads import Targets
 
 REFERENCE_IMAGE_SIZE = 300
+# Our arch -> the input size of torchvision's model of that arch (both are fixed-size models).
+REFERENCE_IMAGE_SIZES = {"vgg16": 300, "mobilenet_v3_large": 320}
 
 
 class TorchvisionNetwork(nn.Module):
@@ -34,12 +37,18 @@ class TorchvisionNetwork(nn.Module):
 
 
 class TorchvisionSSD:
-    """A randomly initialised torchvision SSD300-VGG16 (all layers trainable) and its loss/detection steps."""
+    """A randomly initialised torchvision SSD300-VGG16 or SSDLite320-MobileNetV3 (`arch` as our build_ssd
+    names it; all layers trainable) and its loss/detection steps."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, arch: str = "vgg16") -> None:
+        builders = {"vgg16": ssd300_vgg16, "mobilenet_v3_large": ssdlite320_mobilenet_v3_large}
+        if arch not in builders:
+            raise ValueError(f"torchvision has no SSD of arch {arch!r}; one of {sorted(builders)}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no pretrained weights: all layers trainable" notices
-            self.model = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes)
+            self.model = builders[arch](weights=None, weights_backbone=None, num_classes=num_classes)
+        self.arch = arch
+        self.image_size = REFERENCE_IMAGE_SIZES[arch]
         self.network = TorchvisionNetwork(self.model.backbone, self.model.head)
 
     def to(self, device: torch.device, memory_format: torch.memory_format = torch.contiguous_format) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ssd_lightning.benchmark.reference import REFERENCE_IMAGE_SIZE, TorchvisionSSD
+from ssd_lightning.benchmark.reference import REFERENCE_IMAGE_SIZES, TorchvisionSSD
 from ssd_lightning.benchmark.report import Result, Target
 from ssd_lightning.benchmark.timing import Stats, measure
 from ssd_lightning.benchmark.workloads import (
@@ -29,6 +29,7 @@ from ssd_lightning.benchmark.workloads import (
 from ssd_lightning.convert import convert_state_dict
 from ssd_lightning.loss import MultiBoxLoss
 from ssd_lightning.models import SSD, build_ssd
+from ssd_lightning.models.heads import class_logit_conv
 from ssd_lightning.postprocess import DetectionConfig, detect
 from ssd_lightning.priors import generate_priors, prior_preset
 
@@ -125,13 +126,41 @@ def count_host_syncs(function: Callable[[], object], device: torch.device) -> in
 
 
 @functools.lru_cache(maxsize=2)
-def _pristine_reference(num_classes: int) -> TorchvisionSSD:
-    return TorchvisionSSD(num_classes)
+def _pristine_reference(num_classes: int, arch: str = "vgg16") -> TorchvisionSSD:
+    reference = TorchvisionSSD(num_classes, arch)
+    # Our detection settings (SSDLite's own defaults differ: threshold 0.001, NMS 0.55, 300 per image).
+    reference.model.score_thresh = DETECTION.score_threshold
+    reference.model.nms_thresh = DETECTION.nms_iou_threshold
+    reference.model.detections_per_img = DETECTION.top_k
+    reference.model.topk_candidates = DETECTION.pre_nms_top_k
+    return reference
 
 
-def reference_model(num_classes: int) -> TorchvisionSSD:
-    """A fresh copy of a random-weight torchvision SSD300 (built once per process: VGG init is slow)."""
-    return copy.deepcopy(_pristine_reference(num_classes))
+def reference_model(num_classes: int, arch: str = "vgg16") -> TorchvisionSSD:
+    """A fresh copy of a random-weight torchvision SSD300 (or SSDLite320 for arch "mobilenet_v3_large"),
+    built once per process: VGG init is slow."""
+    return copy.deepcopy(_pristine_reference(num_classes, arch))
+
+
+@torch.no_grad()
+def calibrate_batch_norm(network: nn.Module, images: Tensor) -> None:
+    """Set every BatchNorm's running statistics to those of `images` (one training-mode forward).
+
+    torchvision's SSDLite initialisation (N(0, 0.03) convs) makes eval-mode activations vanish with the
+    fresh statistics (mean 0, var 1): every prior would get the same scores. A trained network's
+    statistics keep them O(1); this gives an untrained one such statistics.
+    """
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    was_training = network.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average: after one batch, that batch's statistics
+    network.train()
+    network(images)
+    network.train(was_training)
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
 
 
 def _on_h100(device: torch.device) -> bool:
@@ -260,10 +289,6 @@ def postprocess_benchmark(
     priors = priors.to(device)
     anchors = [priors_as_anchors(priors, size)] * batch
     reference = reference_model(num_classes)
-    reference.model.score_thresh = DETECTION.score_threshold
-    reference.model.nms_thresh = DETECTION.nms_iou_threshold
-    reference.model.detections_per_img = DETECTION.top_k
-    reference.model.topk_candidates = DETECTION.pre_nms_top_k
 
     def ours() -> list[dict[str, Tensor]]:
         return detect(loc, conf, priors, DETECTION)
@@ -311,19 +336,26 @@ class ModelPair:
 
 
 def build_model_pair(settings: Settings, size: int, fast: FastPath, arch: str = "vgg16") -> ModelPair:
-    """Our SSD of `size`/`arch` on the device in the memory format of `fast`, compiled if asked; for
-    SSD300 (and `fast.reference` not "none") also torchvision's, with the same weights and priors."""
+    """Our SSD of `size`/`arch` on the device in the memory format of `fast`, compiled if asked; where
+    torchvision has the same model (SSD300-VGG16, SSDLite320-MobileNetV3) and `fast.reference` is not
+    "none", also torchvision's, with the same weights and priors. SSDLite's BatchNorm statistics are set
+    from a batch of random images (`calibrate_batch_norm`) before the weights are shared."""
     device = settings.device
-    with_reference = fast.reference != "none" and size == REFERENCE_IMAGE_SIZE and arch == "vgg16"
-    reference = reference_model(settings.num_classes) if with_reference else None
-    if reference is not None:
+    with_reference = fast.reference != "none" and REFERENCE_IMAGE_SIZES.get(arch) == size
+    reference = reference_model(settings.num_classes, arch) if with_reference else None
+    if arch == "vgg16" and reference is not None:
         # torchvision's default boxes: the COCO sizes, with only widths/heights clipped to the image. With
         # them and its weights our network computes exactly what torchvision's does.
         spec = replace(prior_preset(size, "coco"), clip="size")
         ours = build_ssd(size, settings.num_classes, prior_spec=spec)
-        ours.load_state_dict(convert_state_dict(reference.model.state_dict(), "torchvision"))
     else:
+        # SSDLite's default priors are torchvision's default boxes; resnet50 gets NVIDIA's (COCO sizes).
         ours = build_ssd(size, settings.num_classes, arch=arch)
+    if arch == "mobilenet_v3_large":
+        calibration = torch.randn(2, 3, size, size, generator=settings.generator())
+        calibrate_batch_norm(reference.network if reference is not None else ours, calibration)
+    if reference is not None:
+        ours.load_state_dict(convert_state_dict(reference.model.state_dict(), "torchvision"))
     memory_format = torch.channels_last if fast.channels_last else torch.contiguous_format
     ours.to(device=device, memory_format=memory_format)
     our_network: nn.Module = torch.compile(ours) if fast.compile else ours
@@ -338,9 +370,9 @@ def build_model_pair(settings: Settings, size: int, fast: FastPath, arch: str = 
 def _no_reference_reason(fast: FastPath, size: int, arch: str) -> str:
     if fast.reference == "none":
         return "not measured (--reference none)"
-    if arch != "vgg16":
+    if arch not in REFERENCE_IMAGE_SIZES:
         return f"torchvision has no {arch} SSD"
-    return f"torchvision has no SSD{size}"
+    return f"torchvision has no {arch} SSD{size} (only SSD{REFERENCE_IMAGE_SIZES[arch]})"
 
 
 def _images(settings: Settings, batch: int, size: int, channels_last: bool) -> Tensor:
@@ -443,7 +475,7 @@ def train_step_benchmark(
             applies=device.type == "cuda" and "theirs" in stats,
         )
     ]
-    if size == 300 and fast.precision == "bf16-mixed" and batch == 32:
+    if arch == "vgg16" and size == 300 and fast.precision == "bf16-mixed" and batch == 32:
         targets_list.append(
             Target(">= 1000 img/s (H100)", "min_images_per_s", 1000.0, applies=_on_h100(device))
         )
@@ -515,7 +547,7 @@ def inference_benchmark(
             _, conf = pair.ours(images)
         margin = background_margin(conf, candidates, DETECTION.score_threshold, DETECTION.pre_nms_top_k)
         pair.ours.detection = DETECTION
-        _shift_background_bias([head.conf for head in pair.ours.heads], num_classes, margin)
+        _shift_background_bias([class_logit_conv(head) for head in pair.ours.heads], num_classes, margin)
 
         def ours() -> list[dict[str, Tensor]]:
             with torch.inference_mode(), autocast(device, fast.precision):
@@ -527,9 +559,11 @@ def inference_benchmark(
             reference, their_network = pair.reference, pair.their_network
             their_fast = fast.for_reference()
             reference.model.eval()
-            _shift_background_bias(
-                list(reference.model.head.classification_head.module_list), num_classes, margin
-            )
+            their_convs = [
+                [m for m in branch.modules() if isinstance(m, nn.Conv2d)][-1]  # SSDLite: the 1x1 after the dw
+                for branch in reference.model.head.classification_head.module_list
+            ]
+            _shift_background_bias(their_convs, num_classes, margin)
             their_images = _images(settings, batch, size, their_fast.channels_last)
 
             def theirs() -> list[dict[str, Tensor]]:
@@ -557,7 +591,7 @@ def inference_benchmark(
         stats = settings.measure(functions)
     latency = batch == 1
     targets: list[Target] = []
-    if latency and size == 300:
+    if latency and arch == "vgg16" and size == 300:
         targets.append(Target("<= 4 ms incl. NMS (H100)", "max_latency_ms", 4.0, applies=_on_h100(device)))
     config = {
         "arch": arch,

@@ -1,0 +1,64 @@
+"""The benchmark suite's SSDLite comparison does the same work on both sides: with torchvision's weights and
+default boxes our SSDLite320 gives torchvision's training loss and detections. No timing assertions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_benchmark import assert_timed, run_suite
+
+from ssd_lightning.benchmark.suites import (
+    DETECTION,
+    FastPath,
+    Settings,
+    background_margin,
+    build_model_pair,
+    compare_detections,
+)
+from ssd_lightning.benchmark.workloads import random_targets, to_pixels
+from ssd_lightning.loss import MultiBoxLoss
+
+ARCH = "mobilenet_v3_large"
+
+
+def test_torchvision_ssdlite_does_our_work():
+    settings = Settings(device=torch.device("cpu"))
+    pair = build_model_pair(settings, 320, FastPath(), ARCH)
+    assert pair.reference is not None and pair.reference.arch == ARCH
+    images = torch.randn(2, 3, 320, 320, generator=torch.Generator().manual_seed(1))
+    # Seed 3: with seed 2 one box's best IoU ties between two priors to float rounding (0.2924755), and
+    # pixel and [0, 1] coordinates break the tie differently.
+    targets = random_targets(2, settings.num_classes, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        pair.ours.train()
+        pair.reference.model.train()
+        loc, conf = pair.ours(images)
+        ours = sum(MultiBoxLoss(settings.num_classes)(loc, conf, pair.ours.priors, targets))
+        theirs = pair.reference.training_loss(pair.their_network, images, to_pixels(targets, 320))
+        assert float(ours) == pytest.approx(float(theirs), rel=1e-4)
+
+        pair.ours.eval()
+        pair.reference.model.eval()
+        loc, conf = pair.ours(images)
+        # Calibrated BatchNorm statistics: the eval-mode scores differ from prior to prior.
+        assert conf.std(dim=1).min() > 1e-3
+        conf[..., 0] += background_margin(conf, 300, DETECTION.score_threshold, DETECTION.pre_nms_top_k)
+        feature_maps = [torch.zeros(1, 1, size, size) for size in pair.ours.prior_spec.feature_maps]
+        anchors = pair.reference.default_boxes(images, feature_maps)
+        agreement = compare_detections(
+            pair.ours.detect(loc, conf), pair.reference.detections(loc, conf, anchors, 320), 320
+        )
+    assert agreement["images_with_same_detection_count"] == 2
+    assert agreement["detections_per_image_ours"] > 0
+    assert agreement["max_box_difference_px"] < 1e-2
+
+
+def test_ssdlite_inference_benchmark_times_both_sides(tmp_path):
+    document = run_suite(tmp_path, "inference", "--arch", ARCH, "--batch", "2")
+    latency, throughput = document["results"]
+    assert latency["config"]["size"] == 320 and latency["config"]["arch"] == ARCH
+    for result, images in ((latency, 1), (throughput, 2)):
+        assert_timed(result["ours"], images)
+        assert_timed(result["theirs"], images)
+        extra = result["extra"]
+        assert extra["detections_per_image_ours"] == extra["detections_per_image_torchvision"] > 0

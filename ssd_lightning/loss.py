@@ -48,15 +48,23 @@ def hard_negative_mask(
     num_pos = positives.sum(dim=1, keepdim=True)
     num_neg = (num_pos * neg_pos_ratio).long().clamp(min=min_negatives).clamp(max=num_priors - num_pos)
     candidate_loss = background_loss.masked_fill(positives, float("-inf"))
+    static = _static_shapes(static_shapes, candidate_loss)
     # Reading the largest count on the host allows a top-k instead of a full sort, several times faster
     # on a CPU.
-    if not _static_shapes(static_shapes, candidate_loss):
-        ranked = candidate_loss.topk(max(int(num_neg.max()), 1), dim=1).values
+    if not static:
+        ranked, order = candidate_loss.topk(max(int(num_neg.max()), 1), dim=1)
     else:
         ranked = candidate_loss.sort(dim=1, descending=True).values
-    # Everything above each row's num_neg-th largest loss, then the lowest-index ties at it: topk and an
-    # unstable sort order equal values arbitrarily (and differently), so their indices are not used.
-    kth = ranked.gather(1, (num_neg - 1).clamp(min=0))
+    kth = ranked.gather(1, (num_neg - 1).clamp(min=0))  # each row's num_neg-th largest loss
+    if not static:
+        # The top-k indices are unambiguous unless a loss equal to the k-th is left out (a tie at the
+        # boundary, which topk breaks arbitrarily); checking costs a pass, the general rule below several.
+        chosen = torch.arange(order.shape[1], device=order.device) < num_neg
+        tied_total = (candidate_loss == kth).sum(dim=1, keepdim=True) * (num_neg > 0)
+        if torch.equal(tied_total, ((ranked == kth) & chosen).sum(dim=1, keepdim=True)):
+            return torch.zeros_like(positives).scatter_(1, order, chosen)
+    # Everything above the k-th largest loss, then the lowest-index ties at it: topk and an unstable
+    # sort order equal values arbitrarily (and differently), so their indices are not used.
     above = candidate_loss > kth
     tied = candidate_loss == kth
     tied_wanted = num_neg - above.sum(dim=1, keepdim=True)

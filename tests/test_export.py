@@ -246,9 +246,9 @@ def _checkpoint(model: sl.SSD, path: Path) -> Path:
 def _compose(tmp_path: Path, *overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from ssd_lightning.cli.common import CONF_DIR, HYDRA_VERSION_BASE
+    from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=HYDRA_VERSION_BASE):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=HYDRA_VERSION_BASE):
         return compose(
             "export", overrides=[f"paths.log_dir={tmp_path}", f"paths.output_dir={tmp_path}", *overrides]
         )

@@ -9,16 +9,10 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from ssd_lightning.cli.common import (
-    CONF_DIR,
-    HYDRA_VERSION_BASE,
-    build_trainer,
-    format_results,
-    instantiate_datamodule,
-    report,
-    write_json,
-)
+from ssd_lightning.cli.build import build_trainer, instantiate_datamodule
 from ssd_lightning.cli.preflight import check_accelerator
+from ssd_lightning.cli.report import format_results, report, write_json
+from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.training.checkpointing import resolve_checkpoint
 from ssd_lightning.training.evaluation import EvaluationResult
 from ssd_lightning.training.module import SSDLitModule
@@ -28,7 +22,7 @@ SPLITS = ("val", "test")
 
 def load_for_inference(cfg: DictConfig) -> SSDLitModule:
     """The module of `cfg.ckpt_path` (a file, or `last`: the newest last.ckpt of the training runs)."""
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path, f"{cfg.paths.log_dir}/train", cfg.paths.output_dir)
+    ckpt_path = resolve_checkpoint(cfg.ckpt_path, f"{cfg.paths.log_dir}/train")
     return SSDLitModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
 
 
@@ -62,7 +56,7 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
     return result
 
 
-@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONF_DIR, config_name="eval")
+@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=str(config_dir()), config_name="eval")
 def main(cfg: DictConfig) -> float:
     """Console entry point (`ssd-eval` / `python eval.py`); returns the VOC07 mAP."""
     return evaluate(cfg).map_voc07

@@ -13,8 +13,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ssd_lightning.cli.common import CONF_DIR, HYDRA_VERSION_BASE, report
 from ssd_lightning.cli.eval import load_for_inference
+from ssd_lightning.cli.report import report
+from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.export import INPUT_NAME, export_onnx, export_torchscript, read_metadata
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -64,7 +65,7 @@ def export(cfg: DictConfig) -> Path:
     return path
 
 
-@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONF_DIR, config_name="export")
+@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=str(config_dir()), config_name="export")
 def main(cfg: DictConfig) -> None:
     """Console entry point (`python export.py`)."""
     export(cfg)

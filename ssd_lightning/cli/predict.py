@@ -13,9 +13,11 @@ from torch.utils.data import DataLoader
 from torchvision.io import write_jpeg
 from torchvision.utils import draw_bounding_boxes
 
-from ssd_lightning.cli.common import CONF_DIR, HYDRA_VERSION_BASE, build_trainer, report
+from ssd_lightning.cli.build import build_trainer
 from ssd_lightning.cli.eval import load_for_inference
 from ssd_lightning.cli.preflight import check_accelerator
+from ssd_lightning.cli.report import report
+from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.data import (
     DetectionDataset,
     DetectionTransform,
@@ -118,7 +120,7 @@ def predict(cfg: DictConfig) -> Path:
     return results_path
 
 
-@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONF_DIR, config_name="predict")
+@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=str(config_dir()), config_name="predict")
 def main(cfg: DictConfig) -> None:
     """Console entry point (`ssd-predict` / `python predict.py`)."""
     predict(cfg)

@@ -1,4 +1,4 @@
-"""`python train.py [overrides]`: train, save checkpoints, evaluate the best one, print and return the mAP."""
+"""`python train.py [overrides]`: train, save checkpoints, evaluate the test split, report the mAP."""
 
 from __future__ import annotations
 
@@ -10,46 +10,74 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from ssd_lightning.cli.common import (
-    CONF_DIR,
-    HYDRA_VERSION_BASE,
+from ssd_lightning.cli.build import (
     build_module,
     build_trainer,
     finish_wandb,
-    format_results,
     instantiate_callbacks,
     instantiate_datamodule,
     instantiate_loggers,
-    report,
-    write_json,
 )
 from ssd_lightning.cli.preflight import check_accelerator, check_resume_compatible, check_wandb_login
+from ssd_lightning.cli.report import format_results, quiet_other_ranks, report, write_json
+from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.training.checkpointing import (
+    latest_hpc_checkpoint,
     load_checkpoint,
     resolve_checkpoint,
     wandb_run_id,
 )
 from ssd_lightning.training.module import SSDLitModule
-from ssd_lightning.training.weights import load_backbone_weights, load_detector_weights
+from ssd_lightning.training.weights import (
+    check_normalization,
+    describe_initialisation,
+    initial_normalization,
+    load_backbone_weights,
+    load_detector_weights,
+    snapshot,
+)
 
 log = logging.getLogger("ssd_lightning")
 
 METRICS_FILE = "metrics.json"
+BEST_PREFIX = "best/"  # metrics.json: the best value of each validation metric over the run
+PRETRAINED_ARCHS = ("vgg16", "mobilenet_v3_large", "resnet50")
 
 
-def _initialise_weights(cfg: DictConfig, module: SSDLitModule) -> None:
-    """Pretrained weights for a fresh run (a resumed run gets everything from its checkpoint)."""
-    if cfg.model.get("weights"):
-        load_detector_weights(module.net, cfg.model.weights, cfg.model.get("weights_source", "ssd_lightning"))
-    elif cfg.model.get("backbone_weights"):
-        load_backbone_weights(module.net, cfg.model.backbone_weights)
-    elif cfg.model.net.arch == "vgg16":
-        log.warning(
-            "Training VGG16 SSD from scratch (model.backbone_weights=null); the paper starts from ImageNet "
-            "weights: model.backbone_weights=IMAGENET1K_FEATURES"
-        )
+def runs_folder(cfg: DictConfig) -> Path:
+    """Where the runs of this name live (what `ckpt_path=last` searches)."""
+    return Path(cfg.paths.log_dir) / cfg.task_name / "runs" / str(cfg.get("run_name", ""))
+
+
+def initialise_weights(cfg: DictConfig, module: SSDLitModule) -> None:
+    """Pretrained weights for a fresh run (a resumed run gets everything from its checkpoint), after checking
+    that the configured input normalisation is the one they were trained with; logs what came from where."""
+    model = cfg.model
+    arch = str(model.net.arch)
+    weights, backbone_weights = model.get("weights"), model.get("backbone_weights")
+    source = weights or backbone_weights
+    if not source:
+        if arch in PRETRAINED_ARCHS:
+            log.warning(
+                "Training %s SSD from scratch (model.backbone_weights=null); the published recipes start "
+                "from ImageNet weights: model.backbone_weights=IMAGENET1K_V1 (VGG16: IMAGENET1K_FEATURES)",
+                arch,
+            )
+        log.info("Initial weights: all random (no pretrained weights)")
+        return
+    weights_source = str(model.get("weights_source", "ssd_lightning"))
+    expected = initial_normalization(arch, backbone_weights, weights, weights_source)
+    what = f"model.weights={weights}" if weights else f"model.backbone_weights={backbone_weights}"
+    check_normalization(expected, model.pixel_mean, model.pixel_std, what)
+    before = snapshot(module.net)
+    if weights:
+        load_detector_weights(module.net, weights, weights_source)
+    else:
+        load_backbone_weights(module.net, backbone_weights)
+    log.info("Initial weights (network parts):\n%s", describe_initialisation(module.net, before, str(source)))
+    log.info("Input normalisation: pixel_mean=%s pixel_std=%s", list(model.pixel_mean), list(model.pixel_std))
 
 
 def _best_checkpoint(trainer: pl.Trainer) -> str | None:
@@ -63,50 +91,87 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
 
 
+def _checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> Path | None:
+    """`ckpt_path` as a file; with none given, the HPC checkpoint Lightning wrote in this run folder when
+    SLURM pre-empted it (the requeued job comes back to the same folder)."""
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), runs_folder(cfg))
+    if ckpt_path is None:
+        ckpt_path = latest_hpc_checkpoint(output_dir)
+        if ckpt_path is not None:
+            log.info("Requeued run: resuming from %s", ckpt_path)
+    elif str(cfg.ckpt_path) == "last":
+        log.info("ckpt_path=last: the newest run named %s is %s", cfg.get("run_name"), ckpt_path)
+    return ckpt_path
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run the training task of `cfg` (composed from conf/train.yaml); returns the final metrics."""
+    quiet_other_ranks()
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("seed") is not None:
-        pl.seed_everything(cfg.seed, workers=True)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
     check_accelerator(cfg.trainer)
     check_wandb_login(cfg.get("logger"))
-    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name, output_dir)
+    ckpt_path = _checkpoint_to_resume(cfg, output_dir)
 
     datamodule = instantiate_datamodule(cfg)
-    module = build_module(cfg, datamodule)
+    same_images = datamodule.validation_is_test()
+    skip = ()
+    if same_images and cfg.get("callbacks") and cfg.callbacks.get("best_checkpoint"):
+        skip = ("best_checkpoint",)
+        log.info(
+            "Validation and test are the same images here: no best checkpoint is kept (nothing is selected "
+            "on the test split); hold out validation images with dataset.val_holdout=0.05 to select one"
+        )
     run_id = None
-    if ckpt_path is None:
-        _initialise_weights(cfg, module)
-    else:
+    checkpoint = None
+    if ckpt_path is not None:
         checkpoint = load_checkpoint(ckpt_path)
-        check_resume_compatible(checkpoint, module, ckpt_path)
         run_id = wandb_run_id(checkpoint)
-        del checkpoint  # Lightning reads it again with the training state
     loggers = instantiate_loggers(cfg.get("logger"), wandb_run_id=run_id)
     try:
-        trainer = build_trainer(cfg.trainer, instantiate_callbacks(cfg.get("callbacks")), loggers)
+        callbacks = instantiate_callbacks(cfg.get("callbacks"), skip)
+        if not loggers:  # the lr monitor writes to loggers only (train/lr is still in metrics.json)
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+        trainer = build_trainer(cfg.trainer, callbacks, loggers)
+        datamodule.resolve_batch_size(trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches)
+        module = build_module(cfg, datamodule, datamodule.resolved_global_batch_size)
+        if checkpoint is None:
+            initialise_weights(cfg, module)
+        else:
+            check_resume_compatible(checkpoint, module, ckpt_path)
+            checkpoint = None  # Lightning reads it again with the training state
+            log.info("Resuming from %s", ckpt_path)
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        if ckpt_path is not None:
-            log.info("Resuming from %s", ckpt_path)
         # Checkpoints hold the training state (optimiser, loops, callbacks), not only tensors.
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
         metrics = _scalars(trainer.callback_metrics)
+        metrics.update({f"{BEST_PREFIX}{k}": v for k, v in module.best_validation.items()})
         # Per-class tables need the evaluation in this process (not the case with ddp_spawn).
         if module.last_evaluation is not None:
             report(format_results(module.last_evaluation, "Last validation:"))
 
         if cfg.get("test") and not trainer.interrupted:
             module.last_evaluation = None
-            best = _best_checkpoint(trainer)
+            best = None if same_images else _best_checkpoint(trainer)
             trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=False)
             metrics.update(_scalars(trainer.callback_metrics))
             if module.last_evaluation is not None:
-                source = f"best checkpoint {best}" if best else "final weights"
+                if best:
+                    source = f"best checkpoint by {cfg.get('monitor')}: {best}"
+                elif same_images:
+                    source = "final weights; validation used the same images, so nothing was selected on them"
+                else:
+                    source = "final weights"
                 report(format_results(module.last_evaluation, f"Test ({source}):"))
         metrics["step"] = trainer.global_step
         write_json(output_dir / METRICS_FILE, metrics)
-        final = {k: v for k, v in metrics.items() if k.endswith(("/map_voc07", "/map"))}
+        final = {
+            k: v
+            for k, v in metrics.items()
+            if k.endswith(("/map_voc07", "/map")) and not k.startswith(BEST_PREFIX)
+        }
         report(
             "Final mAP: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(final.items())) + f"  ({output_dir})"
         )
@@ -116,16 +181,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def optimized_value(metrics: dict[str, float], name: str | None) -> float | None:
-    """The value a sweep optimises (`optimized_metric`), NaN when the run produced no finite value."""
+    """The value a sweep optimises (`optimized_metric`): its best over the run's validations, NaN when the
+    run produced no finite value."""
     if not name:
         return None
-    value = metrics.get(name, math.nan)
-    if name not in metrics:
+    value = metrics.get(f"{BEST_PREFIX}{name}", metrics.get(name, math.nan))
+    if f"{BEST_PREFIX}{name}" not in metrics and name not in metrics:
         log.warning("optimized_metric=%s was not logged (no validation ran?); returning NaN", name)
     return value if math.isfinite(value) else math.nan
 
 
-@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base=HYDRA_VERSION_BASE, config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Console entry point (`ssd-train` / `python train.py`)."""
     return optimized_value(train(cfg), cfg.get("optimized_metric"))

@@ -1,7 +1,7 @@
 """Detection data: VOC, COCO and the built-in shapes dataset, SSD augmentation, a LightningDataModule.
 
 Loaders validate everything up front (a :class:`DatasetError` lists every problem, naming its file);
-``python -m ssd_lightning.data.check dataset=<name> dataset.root=<path>`` reports them all without
+``python -m ssd_lightning.cli.check dataset=<name> dataset.root=<path>`` reports them all without
 training.
 """
 

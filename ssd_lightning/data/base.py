@@ -9,6 +9,7 @@ in the constructor, so bad data fails before training starts, never inside a Dat
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -65,7 +66,7 @@ class DatasetError(ValueError):
             lines.append(f"  ... and {len(self.problems) - _MAX_LISTED} more")
         if hint is None:
             hint = (
-                "List them all with `python -m ssd_lightning.data.check dataset=... dataset.root=...`,"
+                "List them all with `python -m ssd_lightning.cli.check dataset=... dataset.root=...`,"
                 " or set dataset.skip_bad_samples=true to skip these images."
             )
         super().__init__(
@@ -365,6 +366,15 @@ class DetectionDataset(Dataset):
                     record.keep_objects(~record.difficult)
         if not self.records:
             raise DatasetError(name, errors or [Problem(name, "no usable images")])
+
+    def subset(self, keep: Callable[[ImageRecord], bool], name: str) -> DetectionDataset:
+        """A copy holding the images `keep` accepts (already validated: nothing is read again)."""
+        chosen = copy.copy(self)
+        chosen.records = [record for record in self.records if keep(record)]
+        chosen.name = name
+        if not chosen.records:
+            raise DatasetError(name, [Problem(self.name, "no images left in this part of the data")])
+        return chosen
 
     @property
     def errors(self) -> list[Problem]:

@@ -1,28 +1,20 @@
-"""Report every problem of a dataset at once, without training.
+"""Report every problem of a dataset at once, without training: :func:`check_datamodule`.
 
-    python -m ssd_lightning.data.check dataset=<shapes|voc|coco> dataset.root=<path> [more overrides]
-
-Takes the same Hydra overrides as ``train.py`` (it composes ``conf/train.yaml``). Every split is
-parsed, every box validated, every image header read and every image fully decoded; each problem is
-printed on its own line naming its file. Exit status 1 if any error was found, else 0.
+The command (``ssd-check`` / ``python -m ssd_lightning.cli.check dataset=... dataset.root=...``, also
+``python -m ssd_lightning.data.check``) is in :mod:`ssd_lightning.cli.check`. Every split is parsed, every
+box validated, every image header read and every image fully decoded; each problem is printed on its own
+line naming its file.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
-from collections.abc import Sequence
-from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
 from .base import DatasetError, DetectionDataset, Problem, decode_rgb, map_in_threads
 from .datamodule import SPLITS, DetectionDataModule
-
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _decode_problem(dataset: DetectionDataset, index: int) -> Problem | None:
@@ -87,28 +79,7 @@ def check_datamodule(datamodule: DetectionDataModule, out: TextIO = sys.stdout) 
     return errors, warnings
 
 
-def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
-    """Compose ``conf/train.yaml`` with ``argv`` as overrides, check its dataset; the exit status."""
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    try:
-        datamodule = instantiate(cfg.dataset)
-        datamodule.prepare_data()
-    except Exception as error:  # a DatasetError may arrive wrapped by Hydra's instantiate
-        cause = error if isinstance(error, DatasetError) else error.__cause__
-        if not isinstance(cause, DatasetError):
-            raise
-        for problem in cause.problems:
-            print(f"{problem.severity.upper()} {problem}", file=out)
-        print(f"FAILED: {len(cause.problems)} error(s)", file=out)
-        return 1
-    print(f"dataset {datamodule.name} ({datamodule.format}) at {datamodule.root}", file=out)
-    errors, warnings = check_datamodule(datamodule, out)
-    print(f"{'FAILED' if errors else 'OK'}: {errors} error(s), {warnings} warning(s)", file=out)
-    return 1 if errors else 0
+if __name__ == "__main__":  # the command lives with the other entry points (it composes conf/)
+    from ssd_lightning.cli.check import run
 
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    sys.exit(main())
+    run()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
+import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,8 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from .base import DatasetError, DetectionDataset, ImageFolderDataset, Problem, Target
@@ -56,6 +60,19 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
         transform.reseed(seed)
 
 
+def usable_workers(requested: int) -> int:
+    """`requested` DataLoader workers, at most one per CPU this process may run on (more only queue up)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested > cpus:
+        rank_zero_info(f"dataset.num_workers={requested} but this process may use {cpus} CPUs: using {cpus}")
+    return min(requested, cpus)
+
+
+def held_out(name: str, fraction: float) -> bool:
+    """Whether image `name` belongs to the held-out validation `fraction` (a stable hash of the name)."""
+    return zlib.crc32(name.encode()) < fraction * 2**32
+
+
 def _pairs(sets: Sequence[Sequence[Any]] | None, option: str) -> list[tuple[Any, str]] | None:
     if sets is None:
         return None
@@ -85,11 +102,17 @@ class DetectionDataModule(pl.LightningDataModule):
         name: display name for logs; defaults to ``format``.
         image_size: square input side of the model.
         mean, std: per-channel RGB normalisation on the 0-255 scale.
-        batch_size: images per batch PER DEVICE (the global batch is batch_size x devices).
-        num_workers, pin_memory, persistent_workers: DataLoader settings.
+        global_batch_size: images per optimiser step over all devices, nodes and accumulated batches; each
+            device's batch is derived from it once the trainer is known (:meth:`resolve_batch_size`).
+        batch_size: images per batch PER DEVICE instead (the global batch is then batch_size x devices x
+            nodes x accumulated batches); one of the two is needed.
+        num_workers, pin_memory, persistent_workers: DataLoader settings (workers: at most the CPUs this
+            process may use).
         train_sets, val_sets, test_sets: voc only, lists of ``[year, image_set]``.
         train_split, val_split, test_split: coco only (test defaults to the val split).
         predict_root: folder of images for ``predict``; None predicts on the test split.
+        val_holdout: fraction of the training images (chosen by a hash of their names, so the same on every
+            run and machine) to validate on instead of the val split; they are left out of training.
         keep_difficult_in_train: train on VOC-difficult / COCO-crowd boxes too (evaluation keeps them
             flagged either way).
         skip_bad_samples: skip images with problems (counted in a warning) instead of failing.
@@ -107,7 +130,8 @@ class DetectionDataModule(pl.LightningDataModule):
         image_size: int = 300,
         mean: Sequence[float] = (123.675, 116.28, 103.53),
         std: Sequence[float] = (58.395, 57.12, 57.375),
-        batch_size: int = 32,
+        global_batch_size: int | None = None,
+        batch_size: int | None = None,
         num_workers: int = 4,
         pin_memory: bool = True,
         persistent_workers: bool = True,
@@ -118,6 +142,7 @@ class DetectionDataModule(pl.LightningDataModule):
         val_split: str | None = None,
         test_split: str | None = None,
         predict_root: str | None = None,
+        val_holdout: float = 0.0,
         keep_difficult_in_train: bool = False,
         skip_bad_samples: bool = False,
         verify_images: bool = True,
@@ -146,7 +171,20 @@ class DetectionDataModule(pl.LightningDataModule):
         self.std = tuple(float(v) for v in std)
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise ValueError(f"dataset.mean/std need 3 values (std > 0), got {self.mean} / {self.std}")
-        self.batch_size = int(batch_size)
+        if batch_size is None and global_batch_size is None:
+            raise ValueError("set dataset.global_batch_size (all devices) or dataset.batch_size (per device)")
+        for option, value in (("global_batch_size", global_batch_size), ("batch_size", batch_size)):
+            if value is not None and int(value) < 1:
+                raise ValueError(f"dataset.{option} must be >= 1, got {value}")
+        self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
+        # Per device; until resolve_batch_size knows the devices, the batch of one process.
+        self.batch_size = int(batch_size) if batch_size is not None else self.global_batch_size
+        self.per_device_batch_given = batch_size is not None
+        self._batch_resolved = False
+        self.resolved_global_batch_size: int | None = None  # images per optimiser step, once resolved
+        if not 0.0 <= float(val_holdout) < 1.0:
+            raise ValueError(f"dataset.val_holdout must be a fraction in [0, 1), got {val_holdout}")
+        self.val_holdout = float(val_holdout)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
@@ -243,6 +281,17 @@ class DetectionDataModule(pl.LightningDataModule):
             return ImageFolderDataset(self.predict_root, self.classes, **options)
         if keep_difficult is None:
             keep_difficult = self.keep_difficult_in_train or split != "train"
+        if self.val_holdout and split in ("train", "val"):
+            source = self._load("train", keep_difficult, options)
+            validation = split == "val"
+            return source.subset(
+                lambda record: held_out(record.name, self.val_holdout) == validation,
+                f"{source.name} ({'held-out' if validation else 'without the held-out'} "
+                f"{self.val_holdout:.0%} for validation)",
+            )
+        return self._load(split, keep_difficult, options)
+
+    def _load(self, split: str, keep_difficult: bool, options: Mapping[str, Any]) -> DetectionDataset:
         if self.format == "coco":
             dataset = COCODetection(
                 self.root, self.coco_splits[split], self.classes, keep_difficult=keep_difficult, **options
@@ -259,8 +308,56 @@ class DetectionDataModule(pl.LightningDataModule):
             self.root, self.image_sets[split], self.classes, keep_difficult=keep_difficult, **options
         )
 
+    def validation_is_test(self) -> bool:
+        """Whether the val and test splits are the same images (VOC2007 test, COCO val2017 by default):
+        then nothing may be selected on validation results without selecting on the test split."""
+        if self.val_holdout:
+            return False
+        if self.format == "coco":
+            return self.coco_splits["val"] == self.coco_splits["test"]
+        return self.image_sets["val"] == self.image_sets["test"]
+
+    def resolve_batch_size(
+        self, num_devices: int = 1, num_nodes: int = 1, accumulate: int = 1, training: bool = True
+    ) -> int:
+        """Set and return the per-device batch for `num_devices` x `num_nodes` processes that accumulate
+        `accumulate` batches per optimiser step (logged once). Evaluation only (`training=False`) rounds
+        a global batch that does not divide up instead of failing."""
+        processes = num_devices * num_nodes * accumulate
+        parts = [f"{num_nodes} nodes"] if num_nodes > 1 else []
+        parts.append(f"{num_devices} device{'s' if num_devices > 1 else ''}")
+        parts += [f"{accumulate} accumulated batches"] if accumulate > 1 else []
+        if self.per_device_batch_given:
+            per_device = self.batch_size
+            total = per_device * processes
+            source = "dataset.batch_size per device"
+        else:
+            assert self.global_batch_size is not None
+            if self.global_batch_size % processes and training:
+                raise ValueError(
+                    f"dataset.global_batch_size={self.global_batch_size} does not divide over "
+                    f"{' x '.join(parts)} = {processes}; choose a multiple of {processes} "
+                    f"(e.g. {processes * max(1, self.global_batch_size // processes)}), or fix the batch "
+                    "per device with dataset.batch_size=N"
+                )
+            per_device = -(-self.global_batch_size // processes)  # ceil: exact when it divides
+            total = per_device * processes
+            source = "dataset.global_batch_size"
+        if not self._batch_resolved:
+            rank_zero_info(f"global batch {total} = {' x '.join(parts)} x {per_device} images ({source})")
+        self.batch_size, self.resolved_global_batch_size, self._batch_resolved = per_device, total, True
+        return per_device
+
     def setup(self, stage: str | None = None) -> None:
         """Build (and validate) the datasets ``stage`` needs; any data problem raises here."""
+        if self.trainer is not None and not self._batch_resolved:
+            trainer = self.trainer
+            self.resolve_batch_size(
+                trainer.num_devices,
+                trainer.num_nodes,
+                trainer.accumulate_grad_batches,
+                training=trainer.state.fn == "fit",
+            )
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
         for split in needed.get(stage or "", SPLITS):
             if split not in self.datasets:
@@ -277,13 +374,23 @@ class DetectionDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup({"train": "fit", "val": "validate"}.get(split, split))
+        dataset = self.datasets[split]
+        sampler = None
+        trainer = self.trainer
+        if split != "train" and trainer is not None and trainer.world_size > 1:
+            # Every image evaluated exactly once: Lightning's default sampler pads ranks with repeats.
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
+        workers = usable_workers(self.num_workers)
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
-            num_workers=self.num_workers,
+            sampler=sampler,
+            num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            persistent_workers=self.persistent_workers and workers > 0,
             collate_fn=collate_detection,
             worker_init_fn=functools.partial(seed_worker, rank=self._rank()),
         )

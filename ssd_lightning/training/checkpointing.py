@@ -13,6 +13,8 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from ssd_lightning.training.module import WANDB_RUN_ID_KEY
 
 LAST_CHECKPOINT = "last.ckpt"
+HPC_CHECKPOINT_PREFIX = "hpc_ckpt_"  # Lightning's SLURM pre-emption checkpoints, in the run folder
+CHECKPOINT_FOLDER = "checkpoints"  # <run folder>/checkpoints/ (conf/callbacks/default.yaml)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -39,37 +41,47 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             partial.unlink(missing_ok=True)
 
 
-def find_last_checkpoint(search_dir: str | os.PathLike, exclude: str | os.PathLike | None = None) -> Path:
-    """The most recently written `last.ckpt` under `search_dir` (outside `exclude`, the current run)."""
+def find_last_checkpoint(search_dir: str | os.PathLike) -> Path:
+    """The most recently written `last.ckpt` under `search_dir`."""
     root = Path(search_dir)
-    excluded = Path(exclude).resolve() if exclude is not None else None
-    candidates = [
-        path
-        for path in root.rglob(LAST_CHECKPOINT)
-        if excluded is None or not path.resolve().is_relative_to(excluded)
-    ]
+    candidates = list(root.rglob(LAST_CHECKPOINT))
     if not candidates:
         raise FileNotFoundError(
             f"ckpt_path=last: no {LAST_CHECKPOINT} under {root}; pass the checkpoint file instead, "
-            "e.g. ckpt_path=outputs/train/runs/<date>/checkpoints/last.ckpt"
+            "e.g. ckpt_path=outputs/train/runs/<name>/<time>/checkpoints/last.ckpt"
         )
     return max(candidates, key=lambda path: path.stat().st_mtime)
 
 
-def resolve_checkpoint(
-    ckpt_path: str | None, search_dir: str | os.PathLike, current_run: str | os.PathLike
-) -> Path | None:
-    """`ckpt_path` from the config as a file: None stays None, `last` means the newest earlier last.ckpt."""
+def run_folder_of(checkpoint: str | os.PathLike) -> Path | None:
+    """The run folder a checkpoint was written in (`<run>/checkpoints/<file>`), None for a file elsewhere."""
+    path = Path(checkpoint).resolve()
+    return path.parent.parent if path.parent.name == CHECKPOINT_FOLDER else None
+
+
+def resolve_checkpoint(ckpt_path: str | None, search_dir: str | os.PathLike) -> Path | None:
+    """`ckpt_path` from the config as a file: None stays None, `last` means the newest last.ckpt under
+    `search_dir`."""
     if ckpt_path is None:
         return None
     if str(ckpt_path) == "last":
-        return find_last_checkpoint(search_dir, exclude=current_run)
+        return find_last_checkpoint(search_dir)
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"ckpt_path={ckpt_path}: no such checkpoint file (looked at {path.resolve()})"
         )
     return path
+
+
+def latest_hpc_checkpoint(run_folder: str | os.PathLike) -> Path | None:
+    """The newest `hpc_ckpt_<N>.ckpt` Lightning saved in `run_folder` when SLURM signalled pre-emption."""
+    found = [
+        (int(p.stem.rpartition("_")[2]), p)
+        for p in Path(run_folder).glob(f"{HPC_CHECKPOINT_PREFIX}*.ckpt")
+        if p.stem.rpartition("_")[2].isdigit()
+    ]
+    return max(found)[1] if found else None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

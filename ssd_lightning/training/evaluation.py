@@ -53,6 +53,10 @@ class EvaluationResult:
     map: float  # COCO mAP@[.5:.95]
     map_50: float  # COCO mAP@.5
     map_75: float
+    map_small: float  # COCO AP of objects below 32x32 pixels (-1 when the split has none)
+    map_medium: float  # 32x32 to 96x96
+    map_large: float  # above 96x96
+    mar_100: float  # COCO average recall with 100 detections per image
     num_images: int  # over all processes: under DDP, the evaluation covered the whole split
     per_class_ap_voc07: dict[str, float] = field(default_factory=dict)
     per_class_ap_voc12: dict[str, float] = field(default_factory=dict)
@@ -102,6 +106,10 @@ class DetectionEvaluator(nn.Module):
             map=float(coco["map"]),
             map_50=float(coco["map_50"]),
             map_75=float(coco["map_75"]),
+            map_small=float(coco["map_small"]),
+            map_medium=float(coco["map_medium"]),
+            map_large=float(coco["map_large"]),
+            mar_100=float(coco["mar_100"]),
             num_images=int(self.images.compute()),
             per_class_ap_voc07=self.voc07.per_class_ap(voc07),
             per_class_ap_voc12=self.voc12.per_class_ap(voc12),

@@ -21,13 +21,16 @@ from ssd_lightning.training.evaluation import (
     detections_in_pixels,
     to_pixels,
 )
-from ssd_lightning.training.optim import parameter_groups
+from ssd_lightning.training.optim import apply_lr_mults, parameter_groups
+from ssd_lightning.training.rng import restore_rng_states, rng_states
 
 Batch = tuple[Tensor, list[dict[str, Any]]]
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
 
 WANDB_RUN_ID_KEY = "wandb_run_id"
+BEST_VALIDATION_KEY = "best_validation"
+RNG_STATES_KEY = "rng_states"
 
 
 class SSDLitModule(pl.LightningModule):
@@ -45,6 +48,9 @@ class SSDLitModule(pl.LightningModule):
         channels_last: run the network in channels-last memory format (faster convolutions on recent GPUs).
         category_ids: for COCO data, the original category id of each contiguous label (index = label - 1),
             used by exported detections.
+        backbone_lr_mult: the backbone's learning rate relative to the optimiser's (fine-tuning).
+        freeze_backbone: keep the backbone's weights and BatchNorm statistics as loaded.
+        compile: `torch.compile` the network's forward pass (state dict keys unchanged).
 
     Plain data only (no callables) goes into the checkpoint's hyper-parameters, so
     `SSDLitModule.load_from_checkpoint(path)` rebuilds the network without any config.
@@ -61,6 +67,9 @@ class SSDLitModule(pl.LightningModule):
         scheduler: SchedulerFactory | None = None,
         channels_last: bool = False,
         category_ids: Sequence[int] | None = None,
+        backbone_lr_mult: float = 1.0,
+        freeze_backbone: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if "num_classes" in net:
@@ -80,13 +89,27 @@ class SSDLitModule(pl.LightningModule):
         self.channels_last = channels_last
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
+        self.backbone_lr_mult = float(backbone_lr_mult)
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.net.backbone.requires_grad_(False)
+        if compile:
+            self.net.compile()  # in place: the module and its state dict keys stay as they are
         self.val_evaluator = DetectionEvaluator(self.class_names)
         self.test_evaluator = DetectionEvaluator(self.class_names)
         self.last_evaluation: EvaluationResult | None = None
+        # Best value of each validation scalar so far (what a sweep optimises), kept in checkpoints.
+        self.best_validation: dict[str, float] = {}
 
     @property
     def image_size(self) -> int:
         return self.net.image_size
+
+    def train(self, mode: bool = True) -> SSDLitModule:
+        super().train(mode)
+        if self.freeze_backbone:
+            self.net.backbone.eval()  # frozen BatchNorm statistics too
+        return self
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Normalise uint8 images (what the data module sends: 4x less to copy) on the device, in float32,
@@ -147,6 +170,10 @@ class SSDLitModule(pl.LightningModule):
         evaluator.reset()
         if not self.trainer.sanity_checking:  # a couple of batches only: not a result to report
             self.last_evaluation = result
+            if stage == "val":
+                for key, value in result.scalars().items():
+                    name = f"val/{key}"
+                    self.best_validation[name] = max(value, self.best_validation.get(name, float("-inf")))
         # Values are already synced across ranks by the metrics; sync_dist only averages equal numbers.
         self.log_dict({f"{stage}/{k}": v for k, v in result.scalars().items()}, sync_dist=True)
         self.log_dict(
@@ -188,7 +215,8 @@ class SSDLitModule(pl.LightningModule):
             raise RuntimeError(
                 "SSDLitModule was built without an optimizer factory; it can evaluate but not train"
             )
-        optimizer = self.optimizer_factory(parameter_groups(self.net))
+        groups = parameter_groups(self.net, self.net.backbone, self.backbone_lr_mult)
+        optimizer = apply_lr_mults(self.optimizer_factory(groups))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=self.trainer.estimated_stepping_batches)
@@ -199,6 +227,13 @@ class SSDLitModule(pl.LightningModule):
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 checkpoint[WANDB_RUN_ID_KEY] = logger.version
+        checkpoint[BEST_VALIDATION_KEY] = dict(self.best_validation)
+        checkpoint[RNG_STATES_KEY] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.best_validation = dict(checkpoint.get(BEST_VALIDATION_KEY, {}))
+        if RNG_STATES_KEY in checkpoint:
+            restore_rng_states(checkpoint[RNG_STATES_KEY])
 
 
 def _without_difficult(target: Mapping[str, Tensor]) -> dict[str, Tensor]:

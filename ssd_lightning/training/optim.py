@@ -6,13 +6,14 @@ fractions of the run) is ours. They step once per optimiser step (Lightning `int
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import (
     ChainedScheduler,
-    CosineAnnealingLR,
+    LambdaLR,
     LinearLR,
     LRScheduler,
     MultiStepLR,
@@ -20,17 +21,40 @@ from torch.optim.lr_scheduler import (
 )
 
 
-def parameter_groups(model: nn.Module) -> list[dict]:
-    """Two groups: weights (optimiser's weight decay) and 1-D parameters with weight decay 0.
+def parameter_groups(
+    model: nn.Module, backbone: nn.Module | None = None, backbone_lr_mult: float = 1.0
+) -> list[dict]:
+    """Named parameter groups: weights (the optimiser's weight decay) and 1-D parameters with weight decay 0,
+    and the same two for `backbone` with `lr_mult = backbone_lr_mult` when it differs from 1.
 
     The 1-D parameters are the biases, the L2Norm scale and BatchNorm affine parameters: decaying a
-    scale towards 0 only fights the normalisation it parametrises.
+    scale towards 0 only fights the normalisation it parametrises. Frozen parameters are left out. Apply
+    the multipliers to the optimiser with `apply_lr_mults`.
     """
-    decay, no_decay = [], []
+    in_backbone = (
+        {id(p) for p in backbone.parameters()} if backbone is not None and backbone_lr_mult != 1 else set()
+    )
+    groups: dict[str, dict] = {}
     for parameter in model.parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not parameter.requires_grad:
+            continue
+        name = ("backbone_" if id(parameter) in in_backbone else "") + (
+            "norm_bias" if parameter.ndim <= 1 else "weight"
+        )
+        group = groups.setdefault(name, {"name": name, "params": []})
+        group["params"].append(parameter)
+        if parameter.ndim <= 1:
+            group["weight_decay"] = 0.0
+        if id(parameter) in in_backbone:
+            group["lr_mult"] = backbone_lr_mult
+    return list(groups.values())
+
+
+def apply_lr_mults(optimizer: Optimizer) -> Optimizer:
+    """Each group's lr times its `lr_mult` (before any scheduler records the initial lrs)."""
+    for group in optimizer.param_groups:
+        group["lr"] *= group.get("lr_mult", 1.0)
+    return optimizer
 
 
 def resolve_steps(value: float, total_steps: float | None, name: str) -> int:
@@ -92,7 +116,7 @@ def warmup_cosine(
     warmup_start_factor: float = 1 / 3,
     min_lr_factor: float = 0.0,
 ) -> LRScheduler:
-    """Linear warmup, then cosine decay to `min_lr_factor * lr` at the last step of the run."""
+    """Linear warmup, then cosine decay of each group's lr to `min_lr_factor` x its own at the last step."""
     if total_steps is None or total_steps == float("inf"):
         raise ValueError(
             "the cosine schedule needs a finite run: set trainer.max_steps or trainer.max_epochs"
@@ -103,10 +127,14 @@ def warmup_cosine(
         raise ValueError(
             f"scheduler.warmup_steps ({warmup_count}) must be shorter than the run ({total} steps)"
         )
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    if len(set(base_lrs)) > 1:
-        raise ValueError("warmup_cosine expects one learning rate for all parameter groups")
-    cosine = CosineAnnealingLR(optimizer, T_max=total - warmup_count, eta_min=base_lrs[0] * min_lr_factor)
+    decay_steps = total - warmup_count
+
+    def cosine_factor(step: int) -> float:
+        # A factor of each group's own lr (CosineAnnealingLR's eta_min is one absolute value for all groups).
+        progress = min(step, decay_steps) / decay_steps
+        return min_lr_factor + (1 - min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    cosine = LambdaLR(optimizer, cosine_factor)
     warmup = _warmup(optimizer, warmup_count, warmup_start_factor)
     if warmup is None:
         return cosine

@@ -14,9 +14,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+import ssd_lightning.cli  # noqa: F401  (registers the config resolvers)
+from ssd_lightning.conf_dir import config_dir
 from ssd_lightning.data.shapes import ensure_shapes_dataset
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = config_dir()
 #: A shapes cache small enough for tests: (ensure_shapes_dataset keyword, value)
 SMALL_SHAPES = {"num_train": 16, "num_val": 6, "num_test": 6, "min_side": 96, "max_side": 160}
 

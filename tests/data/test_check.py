@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ssd_lightning.data.check import main
+from ssd_lightning.cli.check import main
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,7 +86,7 @@ def test_the_command_line_generates_and_checks_the_shapes_dataset(tmp_path: Path
     command = [
         sys.executable,
         "-m",
-        "ssd_lightning.data.check",
+        "ssd_lightning.cli.check",
         "dataset=shapes",
         f"dataset.root={tmp_path}",
         "dataset.shapes.num_train=4",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra.utils import instantiate
 
+from ssd_lightning.cli.build import instantiate_datamodule
 from ssd_lightning.data import COCODetection, DatasetError
 
 
@@ -19,7 +19,7 @@ def coco_datamodule(compose_cfg, coco128_coco: Path):
     cfg = compose_cfg(
         "dataset=coco", f"dataset.root={coco128_coco}", "dataset.val_split=train2017", "dataset.num_workers=0"
     )
-    return instantiate(cfg.dataset)
+    return instantiate_datamodule(cfg)
 
 
 def test_coco128_loads_through_the_coco_config(coco_datamodule, coco128_coco: Path) -> None:

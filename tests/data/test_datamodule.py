@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 from torch.utils.data import RandomSampler, SequentialSampler
 
+from ssd_lightning.cli.build import instantiate_datamodule
 from ssd_lightning.data import SHAPE_CLASSES, DatasetError, DetectionDataModule, collate_detection
 
 
@@ -20,7 +20,7 @@ def shapes_datamodule(compose_cfg, shapes_overrides) -> DetectionDataModule:
     cfg = compose_cfg(
         *shapes_overrides, "dataset.batch_size=4", "dataset.num_workers=0", "model.image_size=96"
     )
-    datamodule = instantiate(cfg.dataset)
+    datamodule = instantiate_datamodule(cfg)
     datamodule.prepare_data()
     return datamodule
 
@@ -69,7 +69,7 @@ def test_workers_draw_different_augmentations(compose_cfg, shapes_overrides) -> 
     cfg = compose_cfg(
         *shapes_overrides, "dataset.batch_size=1", "dataset.num_workers=2", "model.image_size=64"
     )
-    datamodule = instantiate(cfg.dataset)
+    datamodule = instantiate_datamodule(cfg)
     datamodule.setup("fit")
     dataset = datamodule.datasets["train"]
     dataset.records = [dataset.records[0]] * 8  # the same image, so only the augmentation differs
@@ -82,7 +82,7 @@ def test_workers_draw_different_augmentations(compose_cfg, shapes_overrides) -> 
 
 def test_coco_mapping_and_test_split_default_to_val(compose_cfg, coco128_coco: Path) -> None:
     cfg = compose_cfg("dataset=coco", f"dataset.root={coco128_coco}", "dataset.val_split=train2017")
-    datamodule = instantiate(cfg.dataset)
+    datamodule = instantiate_datamodule(cfg)
     assert datamodule.coco_splits == {"train": "train2017", "val": "train2017", "test": "train2017"}
     assert len(datamodule.label_to_category_id) == 80
 
@@ -94,7 +94,7 @@ def test_voc_classes_txt_is_read_when_classes_is_null(compose_cfg, coco128_voc: 
         "dataset.classes=null",
         "dataset.train_sets=[[2007,train]]",
     )
-    datamodule = instantiate(cfg.dataset)
+    datamodule = instantiate_datamodule(cfg)
     assert datamodule.classes == (coco128_voc / "VOC2007" / "classes.txt").read_text().split()
 
 
@@ -118,11 +118,11 @@ def test_data_problems_surface_in_setup_before_training(compose_cfg, make_voc: C
         "dataset.classes=[dog]",
         "dataset.train_sets=[[2007,train]]",
     ]
-    datamodule = instantiate(compose_cfg(*overrides).dataset)
+    datamodule = instantiate_datamodule(compose_cfg(*overrides))
     with pytest.raises(DatasetError, match="bad.xml: object 1 has unknown class name 'dragon'"):
         datamodule.setup("fit")
-    skipping = instantiate(
-        compose_cfg(*overrides, "dataset.skip_bad_samples=true", "dataset.val_sets=[[2007,train]]").dataset
+    skipping = instantiate_datamodule(
+        compose_cfg(*overrides, "dataset.skip_bad_samples=true", "dataset.val_sets=[[2007,train]]")
     )
     skipping.setup("fit")
     assert len(skipping.datasets["train"]) == 1
@@ -139,7 +139,7 @@ def test_data_problems_surface_in_setup_before_training(compose_cfg, make_voc: C
 )
 def test_config_mistakes_fail_on_construction(compose_cfg, overrides: list[str], message: str) -> None:
     with pytest.raises(Exception, match=message):
-        instantiate(compose_cfg("dataset=shapes", *overrides).dataset)
+        instantiate_datamodule(compose_cfg("dataset=shapes", *overrides))
 
 
 def test_collate_stacks_images_and_lists_targets() -> None:
@@ -159,7 +159,7 @@ def test_an_image_broken_after_setup_fails_in_the_worker_with_its_name(
         "dataset.num_workers=1",
         "dataset.persistent_workers=false",
     ]
-    datamodule = instantiate(compose_cfg(*overrides, "dataset.val_sets=[[2007,train]]").dataset)
+    datamodule = instantiate_datamodule(compose_cfg(*overrides, "dataset.val_sets=[[2007,train]]"))
     datamodule.setup("validate")
     broken = root / "VOC2007" / "JPEGImages" / "later.jpg"
     broken.write_bytes(b"overwritten after the checks")

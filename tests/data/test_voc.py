@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra.utils import instantiate
 
+from ssd_lightning.cli.build import instantiate_datamodule
 from ssd_lightning.data import VOC_CLASSES, DatasetError, VOCDetection
 
 COCO128_SETS = [
@@ -23,7 +23,7 @@ COCO128_SETS = [
 @pytest.fixture(scope="module")
 def voc_datamodule(compose_cfg, coco128_voc: Path):
     cfg = compose_cfg("dataset=voc", f"dataset.root={coco128_voc}", *COCO128_SETS, "dataset.num_workers=0")
-    datamodule = instantiate(cfg.dataset)
+    datamodule = instantiate_datamodule(cfg)
     datamodule.setup("fit")
     datamodule.setup("test")
     return datamodule

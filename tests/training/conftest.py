@@ -41,3 +41,39 @@ def fast(shapes_root: Path) -> list[str]:
         "trainer.enable_progress_bar=false",
         "callbacks.progress_bar=null",
     ]
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """last.ckpt of the compact model fitted to the tiny shapes training images (a real mAP on them), for
+    tests that compare evaluations: near-zero mAPs would hide differences."""
+    from training_helpers import compose_config
+
+    from ssd_lightning.cli.train import train
+
+    folder = tmp_path_factory.mktemp("trained")
+    overrides = [
+        f"dataset.root={shapes_root}",
+        *TINY_SHAPES,
+        "model.image_size=96",
+        "model.net.width=16",
+        "dataset/augmentation=none",
+        "dataset.batch_size=4",
+        "dataset.num_workers=0",
+        "trainer.accelerator=cpu",
+        "trainer.devices=1",
+        f"trainer.max_epochs={TRAINED_EPOCHS}",
+        f"trainer.check_val_every_n_epoch={TRAINED_EPOCHS}",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "callbacks.progress_bar=null",
+        "optimizer.lr=3e-3",
+        "optimizer.weight_decay=0",
+        "test=false",
+    ]
+    train(compose_config("train", overrides, folder))
+    return folder / "checkpoints" / "last.ckpt"
+
+
+TRAINED_EPOCHS = 40

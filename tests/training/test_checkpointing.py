@@ -11,7 +11,12 @@ import torch
 import torchvision
 
 from ssd_lightning.models import build_ssd
-from ssd_lightning.training.checkpointing import AtomicCheckpointIO, find_last_checkpoint, resolve_checkpoint
+from ssd_lightning.training.checkpointing import (
+    AtomicCheckpointIO,
+    find_last_checkpoint,
+    resolve_checkpoint,
+    run_folder_of,
+)
 from ssd_lightning.training.weights import load_backbone_weights, load_detector_weights
 
 
@@ -34,20 +39,23 @@ def test_a_crash_during_a_save_keeps_the_previous_checkpoint(
     assert [p.name for p in target.parent.iterdir()] == ["last.ckpt"]  # no partial file left behind
 
 
-def test_last_is_the_newest_last_ckpt_outside_the_current_run(tmp_path: Path) -> None:
-    runs = tmp_path / "train" / "runs"
-    older, newer, current = (runs / name / "checkpoints" / "last.ckpt" for name in ("a", "b", "c"))
-    for index, path in enumerate((older, newer, current)):
+def test_last_is_the_newest_last_ckpt_and_its_run_folder(tmp_path: Path) -> None:
+    runs = tmp_path / "train" / "runs" / "compact_shapes"
+    older, newer = (runs / name / "checkpoints" / "last.ckpt" for name in ("a", "b"))
+    for index, path in enumerate((older, newer)):
         path.parent.mkdir(parents=True)
         path.write_bytes(b"x")
         os.utime(path, (1000 + index, 1000 + index))
-    assert find_last_checkpoint(tmp_path / "train", exclude=runs / "c") == newer
-    assert resolve_checkpoint("last", tmp_path / "train", runs / "c") == newer
-    assert resolve_checkpoint(None, tmp_path, runs / "c") is None
+    assert find_last_checkpoint(tmp_path / "train") == newer
+    assert resolve_checkpoint("last", runs) == newer
+    assert resolve_checkpoint(None, tmp_path) is None
+    # A checkpoint in <run>/checkpoints/ belongs to that run (resumed in place); a loose file to none.
+    assert run_folder_of(newer) == runs / "b"
+    assert run_folder_of(tmp_path / "elsewhere.ckpt") is None
     with pytest.raises(FileNotFoundError, match="no last.ckpt"):
         find_last_checkpoint(tmp_path / "elsewhere")
     with pytest.raises(FileNotFoundError, match="ckpt_path=missing.ckpt"):
-        resolve_checkpoint("missing.ckpt", tmp_path, runs / "c")
+        resolve_checkpoint("missing.ckpt", tmp_path)
 
 
 def test_backbone_from_a_torchvision_vgg16_file(tmp_path: Path) -> None:
@@ -72,11 +80,11 @@ def test_backbone_weights_offline_fail_with_a_clear_message(monkeypatch: pytest.
         RuntimeError, match=r"could not download .*IMAGENET1K_FEATURES.*model.backbone_weights="
     ):
         load_backbone_weights(build_ssd(300, 21), "IMAGENET1K_FEATURES")
-    with pytest.raises(ValueError, match="neither an existing file nor a torchvision VGG16 weight"):
+    with pytest.raises(ValueError, match="nor a weight name of torchvision's VGG16_Weights"):
         load_backbone_weights(build_ssd(300, 21), "NOT_A_WEIGHT")
     with pytest.raises(FileNotFoundError, match="not found"):
         load_backbone_weights(build_ssd(300, 21), "weights/missing.pth")
-    with pytest.raises(ValueError, match="model=compact|VGG16 models"):
+    with pytest.raises(ValueError, match="CompactBackbone: set model.backbone_weights=null"):
         load_backbone_weights(build_ssd(96, 6, arch="compact"), "IMAGENET1K_FEATURES")
 
 

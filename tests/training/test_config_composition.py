@@ -9,17 +9,17 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from pytorch_lightning.strategies import DDPStrategy
-from training_helpers import compose_config
+from training_helpers import CONF_DIR, compose_config
 
-from ssd_lightning.cli.common import (
-    CONF_DIR,
-    HYDRA_VERSION_BASE,
+from ssd_lightning.cli.build import (
     build_module,
     build_trainer,
     instantiate_callbacks,
     instantiate_loggers,
+    optimizer_factory,
 )
-from ssd_lightning.cli.common import instantiate_datamodule as make_datamodule
+from ssd_lightning.cli.build import instantiate_datamodule as make_datamodule
+from ssd_lightning.conf_dir import HYDRA_VERSION_BASE
 from ssd_lightning.training.callbacks import WandbDetectionImages
 
 MODELS = ["compact", "ssd300", "ssd512"]
@@ -109,7 +109,8 @@ def test_experiments_are_paper_recipes(experiment: str, coco128_root: Path, tmp_
     size = 300 if experiment.startswith("ssd300") else 512
     assert (cfg.model.name, cfg.dataset.name, cfg.trainer.accelerator) == (f"ssd{size}", dataset, "gpu")
     assert cfg.optimizer.lr == 1e-3 and cfg.optimizer.momentum == 0.9 and cfg.optimizer.weight_decay == 5e-4
-    assert cfg.dataset.batch_size == 32
+    # The paper's global batch, whatever the number of devices (the per-device batch is derived from it).
+    assert cfg.dataset.global_batch_size == 32 and cfg.dataset.batch_size is None
     assert cfg.model.backbone_weights == "IMAGENET1K_FEATURES"
     if dataset == "voc":
         assert cfg.trainer.max_steps == 120000 and list(cfg.scheduler.milestones) == [80000, 100000]
@@ -164,7 +165,7 @@ def test_several_loggers_at_once(tmp_path: Path) -> None:
 @pytest.mark.parametrize("scheduler", ["warmup_multistep", "cosine"])
 def test_optimizer_and_scheduler_groups(optimizer: str, scheduler: str, tmp_path: Path) -> None:
     cfg = compose_config("train", [f"optimizer={optimizer}", f"scheduler={scheduler}"], tmp_path)
-    opt = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(2))])
+    opt = optimizer_factory(cfg)([torch.nn.Parameter(torch.zeros(2))])
     sched = instantiate(cfg.scheduler)(opt, total_steps=100)
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * cfg.scheduler.warmup_start_factor)
     for _ in range(100):
@@ -183,5 +184,6 @@ def test_optuna_search_composes() -> None:
     with initialize_config_dir(config_dir=CONF_DIR, version_base=HYDRA_VERSION_BASE):
         cfg = compose("train", overrides=["hparams_search=optuna_lr"], return_hydra_config=True)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
-    assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == "val/map"
+    # The built-in data's validation metric (VOC07 mAP), maximised.
+    assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == "val/map_voc07"
     assert "optimizer.lr" in cfg.hydra.sweeper.params

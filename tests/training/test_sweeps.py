@@ -32,7 +32,8 @@ def test_multirun_runs_each_job_in_its_own_folder(fast: list[str], tmp_path: Pat
     for job in jobs:
         folder = sweep / str(job["job"])
         metrics = json.loads((folder / "metrics.json").read_text())
-        assert job["value"] == pytest.approx(metrics["val/map"])  # what the job returned to the sweeper
+        # What the job returned to the sweeper: the best validation value of the run, not the last.
+        assert job["value"] == pytest.approx(metrics["best/val/map_voc07"])
         assert (folder / "checkpoints" / "last.ckpt").is_file()
     lrs = [
         yaml.safe_load((sweep / str(j) / ".hydra" / "config.yaml").read_text())["optimizer"]["lr"]

@@ -82,7 +82,9 @@ def test_train_eval_predict_scripts(fast: list[str], shapes_root: Path, tmp_path
 
 def test_resume_last_finds_the_newest_run(fast: list[str], tmp_path: Path) -> None:
     common = [*fast, "trainer.max_epochs=1", "test=false"]
-    first = compose_config("train", common, tmp_path / "outputs" / "train" / "runs" / "first")
+    first = compose_config(
+        "train", common, tmp_path / "outputs" / "train" / "runs" / "compact_shapes" / "first"
+    )
     train(first)
     # `ckpt_path=last` continues from it: the fit starts at its step and runs one more epoch.
     second = compose_config("train", [*common, "trainer.max_epochs=2", "ckpt_path=last"], tmp_path / "second")

@@ -12,7 +12,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from ssd_lightning.cli.common import CONF_DIR, HYDRA_VERSION_BASE
+from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
+
+CONF_DIR = str(config_dir())
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 

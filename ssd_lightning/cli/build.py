@@ -1,29 +1,30 @@
-"""What the train / eval / predict entry points share: building objects from the Hydra config, reports."""
+"""The objects of a run, built from the Hydra config: DataModule, LightningModule, callbacks, Trainer."""
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.plugins.io import CheckpointIO
 
 from ssd_lightning.training.checkpointing import AtomicCheckpointIO
-from ssd_lightning.training.evaluation import EvaluationResult
 from ssd_lightning.training.module import SSDLitModule
 
 log = logging.getLogger("ssd_lightning")
 
-#: The Hydra config tree of this repository (the package is installed in editable mode).
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-HYDRA_VERSION_BASE = "1.3"
+#: Keys of conf/dataset/*.yaml that other configs read (`${dataset.monitor}`), not DataModule arguments.
+DATASET_CONFIG_KEYS = ("monitor", "prior_sizes")
+#: Key of conf/optimizer/*.yaml that is ours, not an argument of the torch optimiser.
+BASE_BATCH_KEY = "base_batch_size"
+GPU_ACCELERATORS = ("gpu", "cuda")
 
 
 def instantiate_plainly(node: DictConfig, **kwargs: Any) -> Any:
@@ -42,7 +43,9 @@ def instantiate_plainly(node: DictConfig, **kwargs: Any) -> Any:
 
 def instantiate_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     """The DataModule of `cfg.dataset`, checked against the model's input size."""
-    datamodule = instantiate_plainly(cfg.dataset)
+    node = OmegaConf.to_container(cfg.dataset, resolve=True)
+    arguments = {k: v for k, v in node.items() if k not in DATASET_CONFIG_KEYS}
+    datamodule = instantiate_plainly(OmegaConf.create(arguments))
     if int(datamodule.image_size) != int(cfg.model.image_size):
         raise ValueError(
             f"dataset.image_size={datamodule.image_size} but the model takes {cfg.model.image_size}px input "
@@ -59,7 +62,26 @@ def category_ids_of(datamodule: pl.LightningDataModule) -> list[int] | None:
     return [int(mapping[label]) for label in range(1, len(datamodule.classes) + 1)]
 
 
-def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> SSDLitModule:
+def optimizer_factory(cfg: DictConfig, global_batch: int | None = None) -> functools.partial:
+    """`params -> Optimizer` of `cfg.optimizer`; with `scale_lr` its lr is scaled by global batch / the
+    optimiser's `base_batch_size` (linear scaling rule)."""
+    node = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    factory = instantiate({k: v for k, v in node.items() if k != BASE_BATCH_KEY})
+    if not cfg.get("scale_lr") or global_batch is None:
+        return factory
+    base = cfg.optimizer.get(BASE_BATCH_KEY)
+    if not base:
+        raise ValueError(
+            f"scale_lr=true needs optimizer.{BASE_BATCH_KEY}: the global batch optimizer.lr is for"
+        )
+    lr = float(factory.keywords["lr"]) * global_batch / int(base)
+    log.info("scale_lr: lr %g x %d / %d = %g", factory.keywords["lr"], global_batch, int(base), lr)
+    return functools.partial(factory, lr=lr)
+
+
+def build_module(
+    cfg: DictConfig, datamodule: pl.LightningDataModule, global_batch: int | None = None
+) -> SSDLitModule:
     """The LightningModule of `cfg.model` for the classes of `datamodule` (num_classes follows the data)."""
     scheduler = cfg.get("scheduler")
     return SSDLitModule(
@@ -68,10 +90,13 @@ def build_module(cfg: DictConfig, datamodule: pl.LightningDataModule) -> SSDLitM
         pixel_mean=list(cfg.model.pixel_mean),
         pixel_std=list(cfg.model.pixel_std),
         loss=OmegaConf.to_container(cfg.model.loss, resolve=True),
-        optimizer=instantiate(cfg.optimizer),
+        optimizer=optimizer_factory(cfg, global_batch),
         scheduler=instantiate(scheduler) if scheduler else None,
         channels_last=bool(cfg.model.get("channels_last", False)),
         category_ids=category_ids_of(datamodule),
+        backbone_lr_mult=float(cfg.model.get("backbone_lr_mult", 1.0)),
+        freeze_backbone=bool(cfg.model.get("freeze_backbone", False)),
+        compile=bool(cfg.model.get("compile", False)),
     )
 
 
@@ -86,8 +111,9 @@ def _entries(group: DictConfig | None, kind: str) -> list[tuple[str, DictConfig]
     return entries
 
 
-def instantiate_callbacks(group: DictConfig | None) -> list[pl.Callback]:
-    return [instantiate_plainly(entry) for _, entry in _entries(group, "callbacks")]
+def instantiate_callbacks(group: DictConfig | None, skip: tuple[str, ...] = ()) -> list[pl.Callback]:
+    """Callbacks of `cfg.callbacks`, except those named in `skip`."""
+    return [instantiate_plainly(entry) for name, entry in _entries(group, "callbacks") if name not in skip]
 
 
 def instantiate_loggers(group: DictConfig | None, wandb_run_id: str | None = None) -> list[Logger]:
@@ -102,9 +128,30 @@ def instantiate_loggers(group: DictConfig | None, wandb_run_id: str | None = Non
     return loggers
 
 
+def resolve_precision(precision: Any, accelerator: str) -> str:
+    """`auto`: bf16-mixed on a GPU that supports bf16, 16-mixed on other GPUs, 32-true elsewhere; any other
+    value is Lightning's own."""
+    if str(precision) != "auto":
+        return precision
+    uses_gpu = accelerator in GPU_ACCELERATORS or (accelerator == "auto" and torch.cuda.is_available())
+    if not uses_gpu:
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
 def build_trainer(trainer_cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Logger]) -> pl.Trainer:
+    """The Trainer of `cfg.trainer`: precision resolved, the user's plugins merged with ours."""
+    arguments = OmegaConf.to_container(trainer_cfg, resolve=True)
+    precision = arguments.get("precision", "auto")
+    arguments["precision"] = resolve_precision(precision, str(arguments.get("accelerator", "auto")))
+    if str(precision) == "auto":
+        log.info("trainer.precision=auto -> %s", arguments["precision"])
+    plugins = arguments.pop("plugins", None) or []
+    plugins = [instantiate_plainly(p) if isinstance(p, Mapping) and "_target_" in p else p for p in plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):  # Lightning takes one checkpoint writer
+        plugins.append(AtomicCheckpointIO())
     return instantiate_plainly(
-        trainer_cfg, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        OmegaConf.create(arguments), callbacks=callbacks, logger=loggers or False, plugins=plugins
     )
 
 
@@ -113,35 +160,3 @@ def finish_wandb(loggers: list[Logger]) -> None:
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish()
-
-
-def format_results(result: EvaluationResult, title: str) -> str:
-    """The three protocols' mAP and a per-class AP table, as text."""
-    lines = [
-        f"{title} ({result.num_images} images)",
-        f"  mAP VOC07 (11-point, IoU 0.5): {result.map_voc07:.4f}",
-        f"  mAP VOC2010+ (area, IoU 0.5):  {result.map_voc12:.4f}",
-        f"  mAP COCO @[.5:.95]:            {result.map:.4f}",
-        f"  mAP COCO @.5 / @.75:           {result.map_50:.4f} / {result.map_75:.4f}",
-    ]
-    if result.per_class_ap_voc07:
-        width = max(len(name) for name in result.per_class_ap_voc07)
-        lines.append(f"  {'class':<{width}}  AP VOC07  AP VOC2010+")
-        for name, ap07 in result.per_class_ap_voc07.items():
-            lines.append(
-                f"  {name:<{width}}  {ap07:8.4f}  {result.per_class_ap_voc12.get(name, float('nan')):11.4f}"
-            )
-    return "\n".join(lines)
-
-
-@rank_zero_only
-def report(text: str) -> None:
-    """Print on the main process only (every DDP rank runs the entry point)."""
-    print(text, flush=True)
-
-
-@rank_zero_only
-def write_json(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,246 @@
+"""The paper recipes on 1 to N devices, decided in the config: the model follows the data, precision follows
+the hardware, the global batch stays the recipe's, the validation metric is the paper's for the data."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from training_helpers import check_ok, compose_config, run_script
+
+from ssd_lightning import build_ssd, generate_priors, prior_preset
+from ssd_lightning.cli.build import build_module, build_trainer, instantiate_datamodule, optimizer_factory
+from ssd_lightning.cli.build import resolve_precision as precision_for
+from ssd_lightning.data import DetectionDataModule
+
+EXPERIMENTS = ["ssd300_voc0712", "ssd512_voc0712", "ssd300_coco", "ssd512_coco"]
+TRAINERS = ["default", "cpu", "gpu", "ddp"]
+
+
+# 1. The model follows the data -----------------------------------------------------------------------
+
+
+def test_the_card_command_composes_the_papers_ssd300_with_coco_priors(tmp_path: Path) -> None:
+    """`python train.py dataset=coco trainer.devices=4 --cfg job` shows what runs: SSD300 VGG16, 300 px,
+    COCO prior sizes, the paper's global batch 32, precision following the hardware."""
+    stdout = check_ok(
+        run_script(
+            "train.py",
+            ["dataset=coco", "dataset.root=/data/coco", "trainer.devices=4", "--cfg", "job", "--resolve"],
+            cwd=tmp_path,
+        )
+    )
+    for line in (
+        "  name: ssd300",
+        "  image_size: 300",
+        "    arch: vgg16",
+        "    prior_preset_name: coco",
+        "  global_batch_size: 32",
+        "  devices: 4",
+        "  precision: auto",
+        "  backbone_weights: IMAGENET1K_FEATURES",
+        "monitor: val/map",
+    ):
+        assert f"\n{line}\n" in stdout, line
+
+
+@pytest.mark.parametrize(
+    ("overrides", "model", "arch", "priors"),
+    [
+        ([], "compact", "compact", None),  # the CPU demo on the built-in data
+        (["dataset=voc"], "ssd300", "vgg16", "voc"),
+        (["dataset=coco"], "ssd300", "vgg16", "coco"),
+        (["dataset=voc", "dataset.classes=[cat,dog]"], "ssd300", "vgg16", "voc"),  # custom VOC-format data
+        (["dataset=coco", "dataset.classes=null"], "ssd300", "vgg16", "coco"),  # custom COCO-format data
+        (["model=ssd512", "dataset=coco"], "ssd512", "vgg16", "coco"),
+        (["model=ssd512", "dataset=voc"], "ssd512", "vgg16", "voc"),
+        (["model=compact", "dataset=coco"], "compact", "compact", None),  # an explicit model= wins
+    ],
+)
+def test_the_model_follows_the_data(
+    overrides: list[str], model: str, arch: str, priors: str | None, tmp_path: Path
+) -> None:
+    cfg = compose_config("train", [*overrides, "dataset.root=/data"], tmp_path)
+    assert (cfg.model.name, cfg.model.net.arch) == (model, arch)
+    if priors is not None:  # the network is built with the paper's prior sizes for that data
+        assert cfg.model.net.prior_preset_name == priors
+        net = build_ssd(num_classes=3, **OmegaConf.to_container(cfg.model.net, resolve=True))
+        torch.testing.assert_close(net.priors, generate_priors(prior_preset(cfg.model.image_size, priors)))
+
+
+# 2. Precision follows the hardware --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_every_trainer_leaves_precision_to_the_hardware(trainer: str, tmp_path: Path) -> None:
+    assert compose_config("train", [f"trainer={trainer}"], tmp_path).trainer.precision == "auto"
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_leaves_precision_to_the_hardware(experiment: str, tmp_path: Path) -> None:
+    for trainer in TRAINERS:  # `experiment=... trainer=ddp` used to drop the recipe's mixed precision
+        cfg = compose_config("train", [f"experiment={experiment}", f"trainer={trainer}"], tmp_path)
+        assert cfg.trainer.precision == "auto", trainer
+
+
+@pytest.mark.parametrize(
+    ("cuda", "bf16", "accelerator", "expected"),
+    [
+        (True, True, "gpu", "bf16-mixed"),  # Ampere and newer
+        (True, False, "gpu", "16-mixed"),  # Volta, Turing
+        (True, True, "auto", "bf16-mixed"),
+        (True, True, "cuda", "bf16-mixed"),
+        (True, True, "cpu", "32-true"),  # a GPU machine told to use its CPU
+        (False, False, "auto", "32-true"),
+        (False, False, "cpu", "32-true"),
+    ],
+)
+def test_auto_precision_follows_the_hardware(
+    cuda: bool, bf16: bool, accelerator: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert precision_for("auto", accelerator) == expected
+    assert precision_for("16-mixed", accelerator) == "16-mixed"  # an explicit value wins
+
+
+def test_the_built_trainer_gets_the_resolved_precision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = compose_config("train", ["trainer=cpu"], tmp_path)
+    assert build_trainer(cfg.trainer, [], []).precision == "32-true"
+    explicit = compose_config("train", ["trainer=cpu", "trainer.precision=bf16-mixed"], tmp_path)
+    assert build_trainer(explicit.trainer, [], []).precision == "bf16-mixed"
+
+
+# 3. The global batch ---------------------------------------------------------------------------------
+
+
+def datamodule(shapes_root: Path, **batch: int | None) -> DetectionDataModule:
+    return DetectionDataModule(format="shapes", root=str(shapes_root), image_size=96, **batch)
+
+
+@pytest.mark.parametrize(
+    ("devices", "nodes", "accumulate", "per_device", "message"),
+    [
+        (1, 1, 1, 32, "global batch 32 = 1 device x 32 images"),
+        (4, 1, 1, 8, "global batch 32 = 4 devices x 8 images"),
+        (8, 2, 1, 2, "global batch 32 = 2 nodes x 8 devices x 2 images"),
+        (4, 1, 2, 4, "global batch 32 = 4 devices x 2 accumulated batches x 4 images"),
+    ],
+)
+def test_the_global_batch_is_kept_on_any_number_of_devices(
+    devices: int,
+    nodes: int,
+    accumulate: int,
+    per_device: int,
+    message: str,
+    shapes_root: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = datamodule(shapes_root, global_batch_size=32)
+    with caplog.at_level(logging.INFO):
+        assert data.resolve_batch_size(devices, nodes, accumulate) == per_device
+    assert data.batch_size == per_device and data.resolved_global_batch_size == 32
+    assert message in caplog.text
+
+
+def test_a_global_batch_that_does_not_divide_names_both_numbers(shapes_root: Path) -> None:
+    with pytest.raises(ValueError, match=r"global_batch_size=32 does not divide over 3 devices = 3"):
+        datamodule(shapes_root, global_batch_size=32).resolve_batch_size(3)
+    # Evaluation alone rounds up instead: every image is still evaluated once.
+    assert datamodule(shapes_root, global_batch_size=32).resolve_batch_size(3, training=False) == 11
+
+
+def test_the_per_device_batch_stays_available(shapes_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = datamodule(shapes_root, global_batch_size=32, batch_size=6)
+    with caplog.at_level(logging.INFO):
+        assert data.resolve_batch_size(4) == 6
+    assert data.resolved_global_batch_size == 24 and "global batch 24 = 4 devices x 6 images" in caplog.text
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiments_state_the_papers_global_batch_lr_and_schedule(experiment: str, tmp_path: Path) -> None:
+    for devices in ("1", "4", "8"):
+        cfg = compose_config(
+            "train",
+            [f"experiment={experiment}", f"trainer.devices={devices}", "trainer.num_nodes=2"],
+            tmp_path,
+        )
+        assert cfg.dataset.global_batch_size == 32 and cfg.dataset.batch_size is None
+        assert cfg.optimizer.lr == 1e-3 and cfg.optimizer.base_batch_size == 32
+        steps = 120000 if "voc" in experiment else 400000
+        assert cfg.trainer.max_steps == steps and cfg.run_name == experiment
+
+
+def test_the_lr_changes_with_the_batch_only_when_asked(tmp_path: Path) -> None:
+    cfg = compose_config("train", ["experiment=ssd300_voc0712"], tmp_path)
+    assert optimizer_factory(cfg, global_batch=64).keywords["lr"] == 1e-3  # scale_lr=false: as given
+    scaled = compose_config("train", ["experiment=ssd300_voc0712", "scale_lr=true"], tmp_path)
+    assert optimizer_factory(scaled, global_batch=64).keywords["lr"] == pytest.approx(2e-3)
+    assert optimizer_factory(scaled, global_batch=8).keywords["lr"] == pytest.approx(2.5e-4)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert optimizer_factory(scaled, global_batch=64)(params).param_groups[0]["lr"] == pytest.approx(2e-3)
+
+
+# 5. Honest evaluation ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dataset", "monitor"), [("voc", "val/map_voc07"), ("coco", "val/map"), ("shapes", "val/map_voc07")]
+)
+def test_each_dataset_monitors_its_papers_metric(dataset: str, monitor: str, tmp_path: Path) -> None:
+    cfg = compose_config("train", [f"dataset={dataset}", "dataset.root=/data"], tmp_path)
+    assert cfg.monitor == cfg.optimized_metric == cfg.callbacks.best_checkpoint.monitor == monitor
+
+
+def test_validation_on_the_test_images_is_recognised(coco128_root: Path, tmp_path: Path) -> None:
+    voc = compose_config("train", ["dataset=voc", f"dataset.root={coco128_root / 'voc'}"], tmp_path)
+    assert instantiate_datamodule(voc).validation_is_test()  # VOC2007 test for both, as in the paper
+    coco = compose_config("train", ["dataset=coco", f"dataset.root={coco128_root / 'coco'}"], tmp_path)
+    assert instantiate_datamodule(coco).validation_is_test()  # val2017 for both
+    shapes = compose_config("train", [], tmp_path)
+    assert not instantiate_datamodule(shapes).validation_is_test()
+
+
+def test_a_held_out_validation_split_is_disjoint_from_training(coco128_root: Path, tmp_path: Path) -> None:
+    cfg = compose_config(
+        "train",
+        [
+            "dataset=voc",
+            f"dataset.root={coco128_root / 'voc'}",
+            "dataset.train_sets=[[2007,trainval]]",
+            "dataset.val_holdout=0.25",
+            "dataset.num_workers=0",
+        ],
+        tmp_path,
+    )
+    data = instantiate_datamodule(cfg)
+    assert not data.validation_is_test()
+    data.setup("fit")
+    train_names = {r.name for r in data.datasets["train"].records}
+    val_names = {r.name for r in data.datasets["val"].records}
+    whole = cfg.copy()
+    whole.dataset.val_holdout = 0.0
+    everything = {r.name for r in instantiate_datamodule(whole).build_dataset("train").records}
+    assert train_names.isdisjoint(val_names) and train_names | val_names == everything
+    assert 0.1 < len(val_names) / len(everything) < 0.4
+    # The same images on every run (by name, not by a random draw).
+    again = instantiate_datamodule(cfg)
+    again.setup("fit")
+    assert {r.name for r in again.datasets["val"].records} == val_names
+    # Validation images keep their difficult flags and get no augmentation.
+    assert data.datasets["val"].transform is not data.datasets["train"].transform
+
+
+def test_modules_build_with_the_resolved_global_batch(shapes_root: Path, tmp_path: Path) -> None:
+    cfg = compose_config(
+        "train", [f"dataset.root={shapes_root}", "scale_lr=true", "dataset.batch_size=8"], tmp_path
+    )
+    data = instantiate_datamodule(cfg)
+    data.resolve_batch_size(2)  # 8 per device on 2 devices: 16, twice the batch AdamW's lr is for
+    module = build_module(cfg, data, data.resolved_global_batch_size)
+    assert module.optimizer_factory.keywords["lr"] == pytest.approx(2 * cfg.optimizer.lr)

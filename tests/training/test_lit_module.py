@@ -242,11 +242,12 @@ def test_uint8_batches_normalised_on_the_device_give_the_float_path_numbers(trai
     assert pixels[0][0].dtype == torch.uint8 and floats[0][0].dtype == torch.float32
     module = make_module(pixel_mean=MEAN, pixel_std=STD)
     float_batch = collate_detection(floats)
-    images, targets = module.on_after_batch_transfer(collate_detection(pixels), 0)
+    images, targets = collate_detection(pixels)
+    images = module.prepare_images(images)
     assert images.dtype == torch.float32 and torch.equal(images, float_batch[0])  # bit for bit
     for a, b in zip(targets, float_batch[1], strict=True):
         assert a["boxes"].equal(b["boxes"]) and a["labels"].equal(b["labels"])
-    # Through Lightning's loops (the hook runs after the transfer): the same step, the same numbers.
+    # Through Lightning's loops (normalised in the step, on the device): the same numbers.
     results = []
     for items in (floats, pixels):
         torch.manual_seed(0)
@@ -263,7 +264,7 @@ def test_uint8_batches_normalised_on_the_device_give_the_float_path_numbers(trai
 
 def test_device_normalisation_follows_the_network_dtype() -> None:
     module = make_module(pixel_mean=MEAN, pixel_std=STD).to(torch.bfloat16)
-    images, _ = module.on_after_batch_transfer(collate_detection(_transformed(False, False)), 0)
+    images = module.prepare_images(collate_detection(_transformed(False, False))[0])
     assert images.dtype == torch.bfloat16
     floats = collate_detection(_transformed(True, False))[0]
     assert torch.equal(images, floats.to(torch.bfloat16))  # normalised in float32, then cast

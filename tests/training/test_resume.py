@@ -77,6 +77,6 @@ def test_sigkill_mid_epoch_then_resume(fast: list[str], tmp_path: Path) -> None:
     # The schedule continued where it was: both milestones (0.67, 0.83 of the run) are behind it.
     assert final["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(1e-3 * 0.01)
     # The resumed process started at the killed step, it did not train from scratch.
-    with open(second / "csv" / "metrics.csv") as stream:
+    with open(second / "csv" / "version_0" / "metrics.csv") as stream:
         logged_steps = [int(row["step"]) for row in csv.DictReader(stream) if row.get("train/loss")]
     assert min(logged_steps) >= killed_at

@@ -42,7 +42,7 @@ def test_ema_lr_monitor_and_coco_sizes_in_one_run(
     key = "net.heads.0.conf.weight"
     assert not torch.equal(last["state_dict"][key], last["current_model_state"][key])
     # The lr of every parameter group, named, at every logging step.
-    with open(tmp_path / "csv" / "metrics.csv") as stream:
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as stream:
         columns = set(next(csv.reader(stream)))
     groups = {c.removeprefix("lr-AdamW/") for c in columns if c.startswith("lr-AdamW/")}
     assert groups == {"weight", "norm_bias", "backbone_weight", "backbone_norm_bias"}, columns

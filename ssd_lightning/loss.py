@@ -52,16 +52,17 @@ def hard_negative_mask(
     # Reading the largest count on the host allows a top-k instead of a full sort, several times faster
     # on a CPU.
     if not static:
-        ranked, order = candidate_loss.topk(max(int(num_neg.max()), 1), dim=1)
+        # One more than the largest count: the loss after each row's last choice tells about ties.
+        ranked, order = candidate_loss.topk(min(int(num_neg.max()) + 1, num_priors), dim=1)
     else:
         ranked = candidate_loss.sort(dim=1, descending=True).values
     kth = ranked.gather(1, (num_neg - 1).clamp(min=0))  # each row's num_neg-th largest loss
     if not static:
-        # The top-k indices are unambiguous unless a loss equal to the k-th is left out (a tie at the
-        # boundary, which topk breaks arbitrarily); checking costs a pass, the general rule below several.
-        chosen = torch.arange(order.shape[1], device=order.device) < num_neg
-        tied_total = (candidate_loss == kth).sum(dim=1, keepdim=True) * (num_neg > 0)
-        if torch.equal(tied_total, ((ranked == kth) & chosen).sum(dim=1, keepdim=True)):
+        # topk's choice is the rule's unless the next loss equals the last chosen one (a tie across the
+        # boundary, which topk breaks arbitrarily): then the general rule below.
+        following = ranked.gather(1, num_neg.clamp(max=ranked.shape[1] - 1))
+        if not ((num_neg > 0) & (num_neg < ranked.shape[1]) & (following == kth)).any():
+            chosen = torch.arange(order.shape[1], device=order.device) < num_neg
             return torch.zeros_like(positives).scatter_(1, order, chosen)
     # Everything above the k-th largest loss, then the lowest-index ties at it: topk and an unstable
     # sort order equal values arbitrarily (and differently), so their indices are not used.

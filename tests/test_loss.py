@@ -189,6 +189,24 @@ def test_hard_negatives_break_exact_ties_by_prior_index_in_both_paths():
     assert masks[0].equal(expected)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_hard_negatives_equal_a_stable_sort_whatever_the_ties(seed):
+    generator = torch.Generator().manual_seed(seed)
+    loss = torch.randint(0, 4, (6, 300), generator=generator).float()  # ties everywhere
+    loss[0] = torch.rand(300, generator=generator)  # and a row without any
+    positives = (
+        torch.rand(6, 300, generator=generator) < torch.tensor([0.01, 0.0, 0.02, 0.1, 0.3, 0.0])[:, None]
+    )
+    num_neg = (positives.sum(1) * 3).clamp(min=3).clamp(max=300 - positives.sum(1))
+    # Reference: a stable descending sort keeps equal losses in index order; take each row's first num_neg.
+    order = loss.masked_fill(positives, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+    expected = torch.zeros_like(positives)
+    for row in range(6):
+        expected[row, order[row, : num_neg[row]]] = True
+    for static in (True, False):
+        assert hard_negative_mask(loss, positives, 3, 3, static_shapes=static).equal(expected)
+
+
 def test_static_and_data_dependent_shapes_agree_under_exact_ties():
     # Zoom-out fills large areas with the mean colour: many priors get bit-identical logits.
     priors, targets, loc, conf = _voc_case(6)

@@ -36,11 +36,13 @@ def test_ema_lr_monitor_and_coco_sizes_in_one_run(
         tmp_path,
     )
     metrics = train(cfg)
-    # EMA: checkpoints hold the averaged weights, and the raw ones beside them to resume training.
-    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    assert {"current_model_state", "averaging_state"} <= set(last)
+    # EMA: checkpoints saved during training hold the averaged weights, and the raw ones beside them to
+    # resume training; the final model is the average.
+    (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    during = torch.load(best, weights_only=False)
+    assert {"current_model_state", "averaging_state"} <= set(during)
     key = "net.heads.0.conf.weight"
-    assert not torch.equal(last["state_dict"][key], last["current_model_state"][key])
+    assert not torch.equal(during["state_dict"][key], during["current_model_state"][key])
     # The lr of every parameter group, named, at every logging step.
     with open(tmp_path / "csv" / "version_0" / "metrics.csv") as stream:
         columns = set(next(csv.reader(stream)))
@@ -56,7 +58,7 @@ def test_ema_lr_monitor_and_coco_sizes_in_one_run(
 
 
 def test_backbone_lr_multiplier_and_freezing(fast: list[str], shapes_root: Path, tmp_path: Path) -> None:
-    cfg = compose_config("train", [*fast, "model.backbone_lr_mult=0.1", "scheduler=null"], tmp_path)
+    cfg = compose_config("train", [*fast, "model.backbone_lr_mult=0.1", "~scheduler"], tmp_path)
     module = build_module(cfg, instantiate_datamodule(cfg))
     optimizer = module.configure_optimizers()
     lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
@@ -69,7 +71,7 @@ def test_backbone_lr_multiplier_and_freezing(fast: list[str], shapes_root: Path,
         assert all((id(p) in backbone) == group["name"].startswith("backbone") for p in group["params"])
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(module.net.parameters()))
 
-    frozen_cfg = compose_config("train", [*fast, "model.freeze_backbone=true", "scheduler=null"], tmp_path)
+    frozen_cfg = compose_config("train", [*fast, "model.freeze_backbone=true", "~scheduler"], tmp_path)
     frozen = build_module(frozen_cfg, instantiate_datamodule(frozen_cfg))
     trained = [p for g in frozen.configure_optimizers().param_groups for p in g["params"]]
     assert not {id(p) for p in frozen.net.backbone.parameters()} & {id(p) for p in trained}
@@ -79,7 +81,8 @@ def test_backbone_lr_multiplier_and_freezing(fast: list[str], shapes_root: Path,
 
 def test_user_plugins_are_merged_with_ours(tmp_path: Path) -> None:
     environment = "lightning_fabric.plugins.environments.LightningEnvironment"
-    cfg = compose_config("train", ["trainer=cpu", f"trainer.plugins=[{{_target_: {environment}}}]"], tmp_path)
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    cfg = compose_config("train", [*ddp, f"trainer.plugins=[{{_target_: {environment}}}]"], tmp_path)
     trainer = build_trainer(cfg.trainer, [], [])
     assert isinstance(trainer.strategy.cluster_environment, LightningEnvironment)
     assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # ours is still there

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics.aggregation import SumMetric
 from torchmetrics.detection import MeanAveragePrecision
@@ -96,7 +97,29 @@ class DetectionEvaluator(nn.Module):
             [{"boxes": t["boxes"], "labels": t["labels"], "iscrowd": t["difficult"].long()} for t in truths],
         )
 
+    def _equalise_coco_images_across_ranks(self) -> None:
+        """torchmetrics' COCO metric gathers its per-image states one image at a time, so ranks holding
+        different numbers of images (an exact, unpadded distributed split) would run different collectives.
+        Ranks with fewer images add images without objects or detections, which change no AP or recall."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        count = torch.tensor(len(self.coco.groundtruth_labels), device=self.coco.device)
+        most = count.clone()
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        missing = int(most - count)
+        if missing:
+            device = self.coco.device
+            nothing = {
+                "boxes": torch.zeros(0, 4, device=device),
+                "labels": torch.zeros(0, dtype=torch.long, device=device),
+            }
+            self.coco.update(
+                [{**nothing, "scores": torch.zeros(0, device=device)}] * missing,
+                [{**nothing, "iscrowd": torch.zeros(0, dtype=torch.long, device=device)}] * missing,
+            )
+
     def compute(self) -> EvaluationResult:
+        self._equalise_coco_images_across_ranks()
         voc07 = self.voc07.compute()
         voc12 = self.voc12.compute()
         coco = self.coco.compute()

@@ -5,6 +5,7 @@
   SLURM job requeued after pre-emption finds its folder (and Lightning's HPC checkpoint) again.
 - `ssd.run_dir` / `ssd.hydra_subdir`: resuming (`ckpt_path=`) continues the checkpoint's own run folder.
 - `ssd.pixel_mean` / `ssd.pixel_std`: the input normalisation that the initial weights were trained with.
+- `ssd.reduced_tail`: SSDLite's MobileNetV3 tail, the one the initial weights have (torchvision's rule).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from datetime import datetime
 from omegaconf import ListConfig, OmegaConf
 
 from ssd_lightning.training.checkpointing import resolve_checkpoint, run_folder_of
-from ssd_lightning.training.weights import DEFAULT_NORMALIZATION, initial_normalization
+from ssd_lightning.training.weights import (
+    DEFAULT_NORMALIZATION,
+    initial_normalization,
+    mobilenet_reduced_tail,
+)
 
 # SLURM job names of interactive allocations: Lightning does not treat those as SLURM-managed runs either.
 _INTERACTIVE_SLURM_NAMES = ("bash", "interactive")
@@ -83,6 +88,12 @@ def pixel_std(arch: str, backbone_weights: str | None, weights: str | None, sour
     return ListConfig(list(_normalization(arch, backbone_weights, weights, source).pixel_std))
 
 
+def reduced_tail(backbone_weights: str | None, weights: str | None = None, source: str | None = None) -> bool:
+    """`model.net.reduced_tail` of SSDLite: the tail of the detector weights `weights` when given, else
+    reduced from scratch and full on ImageNet backbone weights (which exist for the full tail only)."""
+    return mobilenet_reduced_tail(backbone_weights, weights, source or "ssd_lightning")
+
+
 def register() -> None:
     """Register the resolvers (again: replacing is harmless, a test may have cleared them)."""
     OmegaConf.register_new_resolver("ssd.run_stamp", run_stamp, replace=True, use_cache=True)
@@ -91,3 +102,4 @@ def register() -> None:
     # Cached per arguments: reading the weights' convention may open a file.
     OmegaConf.register_new_resolver("ssd.pixel_mean", pixel_mean, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("ssd.pixel_std", pixel_std, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("ssd.reduced_tail", reduced_tail, replace=True, use_cache=True)

@@ -167,6 +167,33 @@ def initial_normalization(
     return None
 
 
+# The depthwise conv of SSDLite's head on the last MobileNetV3 source: 480 channels with the reduced tail, 960
+# with the full one.
+_SSDLITE_LAST_SOURCE_KEY = "heads.1.loc.0.0.weight"
+
+
+def mobilenet_reduced_tail(
+    backbone_weights: str | Path | None = None,
+    weights: str | Path | None = None,
+    weights_source: str = "ssd_lightning",
+) -> bool:
+    """Whether SSDLite needs MobileNetV3's reduced tail for its initial weights (torchvision's rule): the tail
+    the detector weights `weights` have when given (torchvision's COCO weights: reduced), else the full tail
+    for ImageNet backbone weights (they exist for it only) and the reduced one from scratch."""
+    if not weights:
+        return not backbone_weights
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.weights: file not found: {path}")
+    state = _read_detector_state(path, weights_source)
+    if _SSDLITE_LAST_SOURCE_KEY not in state:
+        raise ValueError(
+            f"model.weights={path} (source {weights_source}) holds no SSDLite MobileNetV3 detector "
+            f"({_SSDLITE_LAST_SOURCE_KEY} is missing); check model= and model.weights_source"
+        )
+    return state[_SSDLITE_LAST_SOURCE_KEY].shape[0] < 960
+
+
 def check_normalization(
     expected: PixelNormalization | None, pixel_mean: Sequence[float], pixel_std: Sequence[float], what: str
 ) -> None:

@@ -116,8 +116,9 @@ def find(pattern: str, text: str) -> re.Match:
 
 @pytest.fixture
 def no_published_weights() -> dict[str, None]:
-    """Settings that skip the published-weights section, whatever files this machine has."""
-    return {"SSD_PYTORCH_WEIGHTS": None, "TORCHVISION_WEIGHTS": None}
+    """Settings that skip the published-weights section, whatever files this machine has (section 6 then
+    converts a random torchvision SSDLite)."""
+    return {"SSD_PYTORCH_WEIGHTS": None, "TORCHVISION_WEIGHTS": None, "SSDLITE_WEIGHTS": None}
 
 
 def test_quickstart_trains_detects_and_draws(
@@ -148,6 +149,12 @@ def test_quickstart_trains_detects_and_draws(
     assert find(r"drew (\d+) detections on (\d+) images", text).groups() == ("10", "2")
     assert "ssd.pytorch: no weights at None; skipped" in text
     assert figures(notebook) == 2  # loss curve, detections
+    # torchvision's SSDLite (random weights, batch statistics) converted: the same outputs, prior for prior
+    assert "SSDLite320 from a random torchvision SSDLite (no weights file here): 3234 priors" in text
+    pattern = r"class logits up to ([\d.]+); .*: box offsets ([\d.e+-]+), class logits ([\d.e+-]+)"
+    ssdlite = find(pattern, text)
+    assert float(ssdlite.group(1)) > 0.1  # not vanishing activations
+    assert float(ssdlite.group(2)) < 1e-4 and float(ssdlite.group(3)) < 1e-4
 
 
 def _training_checkpoint(path: Path, image_size: int) -> Path:
@@ -177,6 +184,11 @@ def test_quickstart_loads_a_checkpoint_and_converted_torchvision_weights(
     reference = torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None, num_classes=91)
     torchvision_file = tmp_path / "ssd300_vgg16_coco.pth"
     torch.save(reference.state_dict(), torchvision_file)
+    ssdlite = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=91
+    )
+    ssdlite_file = tmp_path / "ssdlite320_mobilenet_v3_large_coco.pth"
+    torch.save(ssdlite.state_dict(), ssdlite_file)
 
     notebook = run_notebook(
         "01_quickstart.ipynb",
@@ -186,6 +198,7 @@ def test_quickstart_loads_a_checkpoint_and_converted_torchvision_weights(
         NUM_IMAGES=1,
         SSD_PYTORCH_WEIGHTS=str(tmp_path / "absent.pth"),
         TORCHVISION_WEIGHTS=str(torchvision_file),
+        SSDLITE_WEIGHTS=str(ssdlite_file),
     )
     text = printed(notebook)
     assert f"loaded {checkpoint}" in text
@@ -195,6 +208,7 @@ def test_quickstart_loads_a_checkpoint_and_converted_torchvision_weights(
     assert "no training here" in text and not re.search(r"trained \d+ steps", text)
     assert f"ssd.pytorch: no weights at {tmp_path / 'absent.pth'}; skipped" in text
     assert f"torchvision: loaded {torchvision_file} into SSD300 (8732 priors)" in text
+    assert f"SSDLite320 from {ssdlite_file}: 3234 priors" in text  # the file, loaded strictly
     assert figures(notebook) == 2  # the checkpoint's detections, the converted SSD300's
 
 

@@ -10,7 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ssd_lightning.cli.build import build_trainer, instantiate_datamodule
-from ssd_lightning.cli.preflight import check_accelerator
+from ssd_lightning.cli.preflight import check_accelerator, user_errors_as_messages
 from ssd_lightning.cli.report import format_results, report, write_json
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.training.checkpointing import resolve_checkpoint
@@ -57,6 +57,7 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
 
 
 @hydra.main(version_base=HYDRA_VERSION_BASE, config_path=str(config_dir()), config_name="eval")
+@user_errors_as_messages("eval.py")
 def main(cfg: DictConfig) -> float:
     """Console entry point (`ssd-eval` / `python eval.py`); returns the VOC07 mAP."""
     return evaluate(cfg).map_voc07

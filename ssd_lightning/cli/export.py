@@ -14,6 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.cli.eval import load_for_inference
+from ssd_lightning.cli.preflight import user_errors_as_messages
 from ssd_lightning.cli.report import report
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.export import INPUT_NAME, export_onnx, export_torchscript, read_metadata
@@ -66,6 +67,7 @@ def export(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base=HYDRA_VERSION_BASE, config_path=str(config_dir()), config_name="export")
+@user_errors_as_messages("export.py")
 def main(cfg: DictConfig) -> None:
     """Console entry point (`python export.py`)."""
     export(cfg)

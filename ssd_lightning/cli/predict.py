@@ -1,4 +1,5 @@
-"""`python predict.py ckpt_path=... input=<image or folder>`: drawn boxes + a COCO results JSON."""
+"""`python predict.py ckpt_path=... [input=<image or folder>]`: drawn boxes + a COCO results JSON; without
+`input=`, on the test split of the data the checkpoint was trained on."""
 
 from __future__ import annotations
 
@@ -11,14 +12,15 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from torchvision.io import write_jpeg
-from torchvision.utils import draw_bounding_boxes
 
 from ssd_lightning.cli.build import build_trainer
 from ssd_lightning.cli.eval import load_for_inference
-from ssd_lightning.cli.preflight import check_accelerator
+from ssd_lightning.cli.preflight import ConfigurationError, check_accelerator, user_errors_as_messages
 from ssd_lightning.cli.report import report
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.data import (
+    DatasetError,
+    DetectionDataModule,
     DetectionDataset,
     DetectionTransform,
     ImageFolderDataset,
@@ -27,6 +29,8 @@ from ssd_lightning.data import (
     collate_detection,
     decode_rgb,
 )
+from ssd_lightning.training.checkpointing import resolve_checkpoint
+from ssd_lightning.visualize import draw_detections
 
 
 def image_dataset(source: str | Path, classes: list[str], transform: DetectionTransform) -> DetectionDataset:
@@ -66,20 +70,31 @@ def coco_results(prediction: dict[str, Any], category_ids: list[int] | None) -> 
     return entries
 
 
-def draw(prediction: dict[str, Any], min_score: float) -> torch.Tensor:
-    """The input image (uint8 [3,H,W]) with the boxes scoring >= min_score and their captions."""
-    image = torch.from_numpy(decode_rgb(prediction["path"], exif_orientation=True)).permute(2, 0, 1)
-    keep = prediction["scores"] >= min_score
-    captions = [
-        f"{name} {score:.2f}"
-        for name, score, k in zip(
-            prediction["names"], prediction["scores"].tolist(), keep.tolist(), strict=True
+def training_test_split(ckpt_path: str | Path, transform: DetectionTransform) -> DetectionDataset:
+    """The test split of the data the checkpoint was trained on (Lightning keeps the DataModule's arguments
+    in the checkpoint)."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    arguments = checkpoint.get("datamodule_hyper_parameters")
+    if not arguments:
+        raise ConfigurationError(
+            f"{ckpt_path} does not record its training data: pass input=<image or folder>"
         )
-        if k
-    ]
-    if not captions:
-        return image
-    return draw_bounding_boxes(image, prediction["boxes"][keep], labels=captions, colors="red", width=2)
+    try:
+        return DetectionDataModule(**arguments).build_dataset("test", transform=transform)
+    except (DatasetError, FileNotFoundError) as error:
+        raise ConfigurationError(
+            f"predict.py without input= predicts on the test split of the checkpoint's training data "
+            f"({arguments.get('format')} at {arguments.get('root')}), which cannot be read here "
+            f"({str(error).splitlines()[0]}); pass input=<image or folder>"
+        ) from error
+
+
+def draw(prediction: dict[str, Any], class_names: list[str], display_threshold: float) -> torch.Tensor:
+    """The input image (uint8 [3,H,W]) with the boxes scoring >= display_threshold and their captions."""
+    image = torch.from_numpy(decode_rgb(prediction["path"], exif_orientation=True)).permute(2, 0, 1)
+    return draw_detections(
+        image, prediction["boxes"], prediction["scores"], prediction["labels"], class_names, display_threshold
+    )
 
 
 def predict(cfg: DictConfig) -> Path:
@@ -90,13 +105,20 @@ def predict(cfg: DictConfig) -> Path:
     transform = build_eval_transform(
         module.image_size, hparams.pixel_mean, hparams.pixel_std, normalize=False
     )
-    dataset = image_dataset(cfg.input, module.class_names, transform)
+    if cfg.get("input"):
+        dataset = image_dataset(cfg.input, module.class_names, transform)
+    else:
+        dataset = training_test_split(
+            resolve_checkpoint(cfg.ckpt_path, f"{cfg.paths.log_dir}/train"), transform
+        )
+        report(f"No input=: predicting on {dataset.name}, the test split of the checkpoint's training data")
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_detection
     )
     trainer = build_trainer(cfg.trainer, callbacks=[], loggers=[])
     predictions = [p for batch in trainer.predict(module, dataloaders=loader) for p in batch]
-    records = [dataset.records[p["image_id"]] for p in predictions]
+    by_id = {record.image_id: record for record in dataset.records}
+    records = [by_id[p["image_id"]] for p in predictions]
     for prediction, record in zip(predictions, records, strict=True):
         prediction["path"] = str(record.path)
         prediction["image_id"] = _coco_image_id(record)
@@ -115,12 +137,14 @@ def predict(cfg: DictConfig) -> Path:
         for prediction, record, stem in zip(predictions, records, stems, strict=True):
             # Same name in two subfolders: prefix the position so neither overwrites the other.
             name = stem if stems.count(stem) == 1 else f"{record.image_id:05d}_{stem}"
-            write_jpeg(draw(prediction, cfg.draw_min_score), str(drawn_dir / f"{name}.jpg"))
+            drawn = draw(prediction, module.class_names, cfg.display_threshold)
+            write_jpeg(drawn, str(drawn_dir / f"{name}.jpg"))
     report(f"{len(results)} detections on {len(predictions)} images -> {results_path}")
     return results_path
 
 
 @hydra.main(version_base=HYDRA_VERSION_BASE, config_path=str(config_dir()), config_name="predict")
+@user_errors_as_messages("predict.py")
 def main(cfg: DictConfig) -> None:
     """Console entry point (`ssd-predict` / `python predict.py`)."""
     predict(cfg)

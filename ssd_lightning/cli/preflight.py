@@ -3,13 +3,23 @@ saying what to do, instead of a stack trace from deep inside Lightning, W&B or `
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from ssd_lightning.cli.report import configure_console
+
+T = TypeVar("T")
+log = logging.getLogger("ssd_lightning")
 
 GPU_ACCELERATORS = ("gpu", "cuda")
 WANDB_LOCAL_MODES = ("offline", "disabled", "dryrun")
@@ -17,6 +27,53 @@ WANDB_LOCAL_MODES = ("offline", "disabled", "dryrun")
 
 class ConfigurationError(ValueError):
     """The run cannot start as configured; the message says what to change."""
+
+
+# What each mandatory option (`???` in conf/) takes, for the one-line message when it is missing.
+MANDATORY_OPTIONS = {
+    "ckpt_path": "a checkpoint file, or `last` for the newest training run's last.ckpt: ckpt_path=last",
+    "dataset.root": "the folder that holds the data: dataset.root=/data/VOCdevkit (dataset=voc), "
+    "dataset.root=/data/coco (dataset=coco)",
+}
+
+
+def check_mandatory(cfg: DictConfig, command: str) -> None:
+    """Every `???` option of `cfg` is set, else one line per missing option with an example."""
+    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra."))
+    if missing:
+        raise ConfigurationError(
+            "\n".join(
+                f"{command} needs {key}=...: {MANDATORY_OPTIONS.get(key, 'see ' + command + ' --cfg job')}"
+                for key in missing
+            )
+        )
+
+
+def _in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def user_errors_as_messages(command: str) -> Callable[[Callable[[DictConfig], T]], Callable[[DictConfig], T]]:
+    """Decorates a Hydra task: a missing mandatory option or a mistake in the configuration or the data
+    ends the run with its message and exit status 1, not a traceback. HYDRA_FULL_ERROR=1 shows the
+    traceback; in a multirun the error is raised, so the sweep records it for that job."""
+
+    def decorate(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
+        @functools.wraps(task)
+        def run(cfg: DictConfig) -> T:
+            configure_console()
+            try:
+                check_mandatory(cfg, command)
+                return task(cfg)
+            except (ValueError, FileNotFoundError) as error:  # ours are worded for users (DatasetError too)
+                if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_multirun():
+                    raise
+                log.error("%s", error)
+                sys.exit(1)
+
+        return run
+
+    return decorate
 
 
 def check_accelerator(trainer_cfg: DictConfig | Mapping[str, Any]) -> None:

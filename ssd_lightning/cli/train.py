@@ -10,7 +10,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
 from ssd_lightning.cli.build import (
     build_module,
@@ -20,7 +20,12 @@ from ssd_lightning.cli.build import (
     instantiate_datamodule,
     instantiate_loggers,
 )
-from ssd_lightning.cli.preflight import check_accelerator, check_resume_compatible, check_wandb_login
+from ssd_lightning.cli.preflight import (
+    check_accelerator,
+    check_resume_compatible,
+    check_wandb_login,
+    user_errors_as_messages,
+)
 from ssd_lightning.cli.report import format_results, quiet_other_ranks, report, write_json
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.training.checkpointing import (
@@ -29,6 +34,7 @@ from ssd_lightning.training.checkpointing import (
     resolve_checkpoint,
     wandb_run_id,
 )
+from ssd_lightning.training.callbacks import TestDetectionsPicture
 from ssd_lightning.training.module import SSDLitModule
 from ssd_lightning.training.weights import (
     check_normalization,
@@ -133,6 +139,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = instantiate_callbacks(cfg.get("callbacks"), skip)
         if not loggers:  # the lr monitor writes to loggers only (train/lr is still in metrics.json)
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+        if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
+            callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
         trainer = build_trainer(cfg.trainer, callbacks, loggers)
         datamodule.resolve_batch_size(trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches)
         module = build_module(cfg, datamodule, datamodule.resolved_global_batch_size)
@@ -167,6 +175,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 report(format_results(module.last_evaluation, f"Test ({source}):"))
         metrics["step"] = trainer.global_step
         write_json(output_dir / METRICS_FILE, metrics)
+        for callback in trainer.callbacks:
+            if isinstance(callback, TestDetectionsPicture) and callback.path is not None:
+                report(f"Detections on test images: {callback.path}")
         final = {
             k: v
             for k, v in metrics.items()
@@ -192,6 +203,7 @@ def optimized_value(metrics: dict[str, float], name: str | None) -> float | None
 
 
 @hydra.main(version_base=HYDRA_VERSION_BASE, config_path=str(config_dir()), config_name="train")
+@user_errors_as_messages("train.py")
 def main(cfg: DictConfig) -> float | None:
     """Console entry point (`ssd-train` / `python train.py`)."""
     return optimized_value(train(cfg), cfg.get("optimized_metric"))

@@ -63,7 +63,7 @@ def test_train_eval_predict_scripts(fast: list[str], shapes_root: Path, tmp_path
             [
                 f"ckpt_path={checkpoints / 'last.ckpt'}",
                 f"input={images}",
-                "draw_min_score=0.05",
+                "display_threshold=0.05",
                 f"hydra.run.dir={predict_dir}",
                 "trainer.enable_progress_bar=false",
             ],

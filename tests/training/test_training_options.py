@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from ssd_lightning.training.checkpointing import AtomicCheckpointIO
 
 @pytest.mark.timeout(900)
 def test_ema_lr_monitor_and_coco_sizes_in_one_run(
-    fast: list[str], tmp_path: Path, capsys: pytest.CaptureFixture
+    fast: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = compose_config(
         "train",
@@ -35,7 +36,8 @@ def test_ema_lr_monitor_and_coco_sizes_in_one_run(
         ],
         tmp_path,
     )
-    metrics = train(cfg)
+    with caplog.at_level(logging.INFO, logger="ssd_lightning"):
+        metrics = train(cfg)
     # EMA: checkpoints saved during training hold the averaged weights, and the raw ones beside them to
     # resume training; the final model is the average.
     (best,) = (tmp_path / "checkpoints").glob("best-*.ckpt")
@@ -53,8 +55,7 @@ def test_ema_lr_monitor_and_coco_sizes_in_one_run(
         assert f"val/{name}" in metrics and f"test/{name}" in metrics
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["test/mar_100"] == metrics["test/mar_100"]
-    out = capsys.readouterr().out
-    assert "AP COCO small / medium / large" in out and "AR COCO @100" in out
+    assert "AP COCO small / medium / large" in caplog.text and "AR COCO @100" in caplog.text
 
 
 def test_backbone_lr_multiplier_and_freezing(fast: list[str], shapes_root: Path, tmp_path: Path) -> None:

@@ -1,0 +1,92 @@
+"""What a user sees: a picture of the final model's detections, predict.py without input=, one line for a
+missing option, a console without third-party noise, and the run's log in its folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from torchvision.io import decode_png, read_file
+from training_helpers import check_ok, compose_config, run_script
+
+ENTRY_POINTS = {
+    "train.py": ["dataset=voc"],  # dataset.root is mandatory for voc
+    "eval.py": [],
+    "predict.py": [],
+    "export.py": [],
+}
+
+
+@pytest.mark.timeout(900)
+def test_a_run_shows_its_detections_and_predict_finds_the_test_split(fast: list[str], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    env = {"HYDRA_FULL_ERROR": "0"}
+    stdout = check_ok(run_script("train.py", [*fast, f"hydra.run.dir={run}"], cwd=tmp_path, env=env))
+    picture = run / "test_detections.png"
+    assert f"Detections on test images: {picture}" in stdout
+    grid = decode_png(read_file(str(picture)))
+    # 8 test images of 96 px, enlarged 4x (to at least 320 px), in 4 columns and 2 rows with 6 px gaps.
+    assert grid.shape == (3, 2 * 384 + 3 * 6, 4 * 384 + 5 * 6)
+    assert grid.float().std() > 20  # the images themselves, not an empty canvas
+
+    # The console: our lines and Lightning's useful ones, not its tips, nor deprecation notices.
+    for noise in ("💡 Tip", "LeafSpec", "GPU available", "Traceback"):
+        assert noise not in stdout
+    # ... and all of it in the run's log file too, with times and sources.
+    log = (run / "train.log").read_text()
+    assert "Final mAP" in log and "[ssd_lightning]" in log and "`Trainer.fit` stopped" in log
+
+    # predict.py with a checkpoint only: the test split of the data it was trained on.
+    predicted = tmp_path / "predict"
+    stdout = check_ok(
+        run_script(
+            "predict.py",
+            [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={predicted}"],
+            cwd=tmp_path,
+            env=env,
+        )
+    )
+    assert "the test split of the checkpoint's training data" in stdout
+    drawn = sorted(p.name for p in (predicted / "images").glob("*.jpg"))
+    assert drawn == [f"test_{i:06d}.jpg" for i in range(8)]
+    results = json.loads((predicted / "detections.json").read_text())
+    assert {r["image_id"] for r in results} <= set(range(8)) and results
+
+
+@pytest.mark.parametrize("script", list(ENTRY_POINTS))
+def test_a_missing_option_is_one_line_with_an_example(script: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    result = run_script(script, ENTRY_POINTS[script], cwd=tmp_path, env={**env, "HYDRA_FULL_ERROR": "0"})
+    assert result.returncode == 1
+    output = (result.stdout + result.stderr).strip().splitlines()
+    assert len(output) == 1 and "Traceback" not in result.stderr, output
+    option = "dataset.root" if script == "train.py" else "ckpt_path"
+    assert output[0].startswith(f"ERROR: {script} needs {option}=...: "), output[0]
+    assert ("dataset.root=/data/" if option == "dataset.root" else "ckpt_path=last") in output[
+        0
+    ]  # an example
+
+
+def test_progress_in_a_log_file_is_a_line_every_few_seconds(
+    fast: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ssd_lightning.cli.train import train
+
+    # pytest's stderr is not a terminal: the bar becomes log lines, at most one per interval (here: one).
+    overrides = [
+        o for o in fast if o not in ("trainer.enable_progress_bar=false", "callbacks.progress_bar=null")
+    ]
+    cfg = compose_config(
+        "train", [*overrides, "callbacks.progress_bar.interval_s=3600", "test=false"], tmp_path
+    )
+    with caplog.at_level(logging.INFO, logger="ssd_lightning.progress"):
+        assert train(cfg)["step"] == 12
+    steps = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "ssd_lightning.progress" and " step " in r.getMessage()
+    ]
+    assert steps and len(steps) == 1 and steps[0].startswith("epoch 1/2 step 1/6"), steps

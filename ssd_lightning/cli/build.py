@@ -25,6 +25,8 @@ DATASET_CONFIG_KEYS = ("monitor", "prior_sizes")
 #: Key of conf/optimizer/*.yaml that is ours, not an argument of the torch optimiser.
 BASE_BATCH_KEY = "base_batch_size"
 GPU_ACCELERATORS = ("gpu", "cuda")
+#: Keys of conf/trainer/*.yaml that are ours (NonFiniteGuard), not Trainer arguments.
+OUR_TRAINER_KEYS = ("on_nonfinite", "nonfinite_skip_limit")
 
 
 def instantiate_plainly(node: DictConfig, **kwargs: Any) -> Any:
@@ -146,6 +148,8 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list[pl.Callback], loggers
     arguments["precision"] = resolve_precision(precision, str(arguments.get("accelerator", "auto")))
     if str(precision) == "auto":
         log.info("trainer.precision=auto -> %s", arguments["precision"])
+    for key in OUR_TRAINER_KEYS:  # read by the entry points, not Trainer arguments
+        arguments.pop(key, None)
     plugins = arguments.pop("plugins", None) or []
     plugins = [instantiate_plainly(p) if isinstance(p, Mapping) and "_target_" in p else p for p in plugins]
     if not any(isinstance(p, CheckpointIO) for p in plugins):  # Lightning takes one checkpoint writer

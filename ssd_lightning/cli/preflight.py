@@ -17,6 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.cli.report import configure_console
+from ssd_lightning.training.nonfinite import NonFiniteLossError
 
 T = TypeVar("T")
 log = logging.getLogger("ssd_lightning")
@@ -65,7 +66,7 @@ def user_errors_as_messages(command: str) -> Callable[[Callable[[DictConfig], T]
             try:
                 check_mandatory(cfg, command)
                 return task(cfg)
-            except (ValueError, FileNotFoundError) as error:  # ours are worded for users (DatasetError too)
+            except (ValueError, FileNotFoundError, NonFiniteLossError) as error:  # worded for users
                 if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_multirun():
                     raise
                 log.error("%s", error)

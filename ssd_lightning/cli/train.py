@@ -28,14 +28,15 @@ from ssd_lightning.cli.preflight import (
 )
 from ssd_lightning.cli.report import format_results, quiet_other_ranks, report, write_json
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
+from ssd_lightning.training.callbacks import TestDetectionsPicture
 from ssd_lightning.training.checkpointing import (
     latest_hpc_checkpoint,
     load_checkpoint,
     resolve_checkpoint,
     wandb_run_id,
 )
-from ssd_lightning.training.callbacks import TestDetectionsPicture
 from ssd_lightning.training.module import SSDLitModule
+from ssd_lightning.training.nonfinite import NonFiniteGuard
 from ssd_lightning.training.weights import (
     check_normalization,
     describe_initialisation,
@@ -141,6 +142,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        callbacks.append(
+            NonFiniteGuard(
+                cfg.trainer.get("on_nonfinite", "stop"),
+                int(cfg.trainer.get("nonfinite_skip_limit", 10)),
+                check_every_n_steps=int(cfg.trainer.get("log_every_n_steps", 50)),
+            )
+        )
         trainer = build_trainer(cfg.trainer, callbacks, loggers)
         datamodule.resolve_batch_size(trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches)
         module = build_module(cfg, datamodule, datamodule.resolved_global_batch_size)

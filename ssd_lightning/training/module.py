@@ -100,6 +100,9 @@ class SSDLitModule(pl.LightningModule):
         self.last_evaluation: EvaluationResult | None = None
         # Best value of each validation scalar so far (what a sweep optimises), kept in checkpoints.
         self.best_validation: dict[str, float] = {}
+        # Set by NonFiniteGuard: keep each step's loss terms and largest predictions (device tensors).
+        self.record_step_stats = False
+        self.step_stats: dict[str, Tensor] = {}
 
     @property
     def image_size(self) -> int:
@@ -140,7 +143,15 @@ class SSDLitModule(pl.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch
-        losses = self._losses(*self._predict(images), targets)
+        loc, conf = self._predict(images)
+        losses = self._losses(loc, conf, targets)
+        if self.record_step_stats:
+            self.step_stats = {
+                "loss_loc": losses["loss_loc"].detach(),
+                "loss_conf": losses["loss_conf"].detach(),
+                "loc_absmax": loc.detach().abs().amax(),
+                "conf_absmax": conf.detach().abs().amax(),
+            }
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=len(images))
         self.log_dict(
             {"train/loss_loc": losses["loss_loc"], "train/loss_conf": losses["loss_conf"]},

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real coco128 data that lives beside the project (never inside it)."""
+"""Shared fixtures: the real coco128 data that lives beside the project (never inside it), and the rule for
+missing test inputs: a failure in CI (`CI` set, as .ci/run does), a skip elsewhere that says what to do."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from inputs import require
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,8 +19,12 @@ def _coco128_path() -> Path:
 
 @pytest.fixture(scope="session")
 def coco128_root() -> Path:
-    """Path of the coco128 folder (holding `coco/` and `voc/`); skips when it is absent."""
+    """Path of the coco128 folder (holding `coco/` and `voc/`)."""
     path = _coco128_path()
-    if not (path / "coco").is_dir():
-        pytest.skip(f"coco128 not found at {path} (set SSD_COCO128)")
+    require(
+        (path / "coco").is_dir(),
+        f"coco128 at {path}",
+        "put the coco128 folder (COCO train2017's first 128 images, coco/ and voc/ layouts) there, "
+        "or set SSD_COCO128 to where it is",
+    )
     return path

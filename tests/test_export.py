@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from inputs import require_module
 
 import ssd_lightning as sl
 from ssd_lightning.boxes import decode
@@ -28,9 +29,9 @@ from ssd_lightning.export import (
 )
 from ssd_lightning.postprocess import DetectionConfig, detect
 
-onnx = pytest.importorskip("onnx")
-onnxruntime = pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+onnx = require_module("onnx")
+onnxruntime = require_module("onnxruntime")
+require_module("onnxscript")
 
 CLASSES = ["cat", "dog", "bird"]
 SIZE = 128

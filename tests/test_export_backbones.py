@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from inputs import require_module
 from test_export import ATOL, MEAN, STD, assert_same_detections
 
 import ssd_lightning as sl
 from ssd_lightning.export import OnnxDetector, export_onnx, export_torchscript, unpad_detections
 from ssd_lightning.models.heads import class_logit_conv
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-pytest.importorskip("onnxscript")
+require_module("onnx")
+require_module("onnxruntime")
+require_module("onnxscript")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:FutureWarning")
 
 CLASSES = ["cat", "dog", "bird"]

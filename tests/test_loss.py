@@ -241,7 +241,7 @@ def test_static_shape_loss_captures_as_one_graph_without_host_reads():
     assert not host_reads, host_reads
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu  # deselected by default (pyproject.toml); on a GPU machine: pytest -m gpu
 def test_static_shape_loss_does_not_synchronise_on_cuda():
     priors, targets, loc, conf = _voc_case(8)
     device = torch.device("cuda")

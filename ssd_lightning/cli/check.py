@@ -4,7 +4,9 @@
     ssd-check dataset=...  # the same, installed as a console script
 
 Takes the same Hydra overrides as ``train.py`` (it composes ``conf/train.yaml``); each problem is printed
-on its own line naming its file. Exit status 1 if any error was found, else 0.
+on its own line naming its file. Then, for the model those overrides select, how well its priors reach the
+training boxes, with prior sizes that would reach more (:mod:`ssd_lightning.coverage`). Exit status 1 if
+any error was found, else 0.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.cli.build import instantiate_datamodule
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
-from ssd_lightning.data import DatasetError
+from ssd_lightning.coverage import normalised_boxes, prior_coverage
+from ssd_lightning.data import DatasetError, DetectionDataModule, DetectionDataset
 from ssd_lightning.data.check import check_datamodule
+from ssd_lightning.models.ssd import ssd_prior_spec
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
@@ -36,9 +41,24 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         print(f"FAILED: {len(error.problems)} error(s)", file=out)
         return 1
     print(f"dataset {datamodule.name} ({datamodule.format}) at {datamodule.root}", file=out)
-    errors, warnings = check_datamodule(datamodule, out)
+    usable: dict[str, DetectionDataset] = {}
+    errors, warnings = check_datamodule(datamodule, out, usable)
+    print(coverage_report(cfg, datamodule, usable.get("train")), file=out)
     print(f"{'FAILED' if errors else 'OK'}: {errors} error(s), {warnings} warning(s)", file=out)
     return 1 if errors else 0
+
+
+def coverage_report(cfg: DictConfig, datamodule: DetectionDataModule, train: DetectionDataset | None) -> str:
+    """How well the priors of `cfg.model` reach the boxes of the training split `train`, as text."""
+    records = getattr(train, "records", None)
+    if records is None:
+        return (
+            "prior coverage: no training boxes to measure (the train split is unusable or generated online)"
+        )
+    spec = ssd_prior_spec(**OmegaConf.to_container(cfg.model.net, resolve=True))
+    boxes = normalised_boxes(records, keep_difficult=datamodule.keep_difficult_in_train)
+    report = prior_coverage(boxes, spec, float(cfg.model.loss.get("iou_threshold", 0.5)))
+    return report.format(f"prior coverage of {train.name} for model={cfg.model.name}")
 
 
 def run() -> None:

@@ -45,8 +45,16 @@ def _summary(dataset: DetectionDataset) -> str:
     return text + (f"\n    note: no objects of {', '.join(absent)}" if absent else "")
 
 
-def check_datamodule(datamodule: DetectionDataModule, out: TextIO = sys.stdout) -> tuple[int, int]:
-    """Check the train, val and test splits of ``datamodule``; print problems; return (errors, warnings)."""
+def check_datamodule(
+    datamodule: DetectionDataModule,
+    out: TextIO = sys.stdout,
+    usable: dict[str, DetectionDataset] | None = None,
+) -> tuple[int, int]:
+    """Check the train, val and test splits of ``datamodule``; print problems; return (errors, warnings).
+
+    ``usable``, when given, receives the usable part of each split read (every object kept, difficult ones
+    flagged), for reports that follow the check without reading the annotations again.
+    """
     seen: dict[str, str] = {}
     errors = warnings = 0
     for split in SPLITS:
@@ -64,6 +72,8 @@ def check_datamodule(datamodule: DetectionDataModule, out: TextIO = sys.stdout) 
         except DatasetError as error:  # nothing usable: a missing root, split file, annotation file...
             problems, dataset = error.problems, None
         else:
+            if usable is not None:
+                usable[split] = dataset
             decode = map_in_threads(lambda i, d=dataset: _decode_problem(d, i), range(len(dataset)))
             problems = dataset.problems + [p for p in decode if p is not None]
         for problem in problems:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -123,6 +126,8 @@ def build_ssd(
     variances: Sequence[float] = DEFAULT_VARIANCES,
     prior_spec: PriorSpec | None = None,
     reduced_tail: bool = True,
+    min_sizes: Sequence[float] | None = None,
+    max_sizes: Sequence[float] | None = None,
 ) -> SSD:
     """Build an SSD detector.
 
@@ -135,43 +140,113 @@ def build_ssd(
     `False` the one ImageNet backbone weights need. arch="resnet50": NVIDIA's SSD300 v1.1 (size=300;
     ResNet-50 to conv4_x, BatchNorm extras; `prior_preset_name` "coco" (default, NVIDIA's) | "voc").
     `num_classes` counts the background (VOC: 21, COCO: 81; torchvision's COCO models: 91). A
-    `prior_spec` overrides the priors of any arch.
+    `prior_spec` overrides the priors of any arch; `min_sizes`/`max_sizes` (input pixels, one per feature
+    map) replace only the box sizes of whichever priors the arch uses (what `ssd_lightning.coverage`
+    suggests for a dataset).
     """
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
+    detection = DetectionConfig(score_threshold, nms_iou_threshold, top_k, pre_nms_top_k)
+    backbone, neck, head = _network_parts(arch, size, width, reduced_tail)
+    spec = _prior_spec(
+        arch,
+        size,
+        prior_preset_name,
+        prior_spec,
+        min_sizes,
+        max_sizes,
+        lambda: _feature_map_sizes(backbone, neck, size),
+    )
+    return SSD(backbone, neck, spec, num_classes, detection, (float(variances[0]), float(variances[1])), head)
+
+
+def ssd_prior_spec(**build_ssd_arguments: Any) -> PriorSpec:
+    """The priors `build_ssd(**build_ssd_arguments)` would give its network (e.g. `**cfg.model.net`).
+
+    The presets need no network; the compact model's and SSDLite's boxes follow the network's feature-map
+    sizes, measured on its backbone and neck alone (no heads, no weights loaded).
+    """
+    arguments = inspect.signature(build_ssd).bind(**build_ssd_arguments)  # unknown names: TypeError
+    arguments.apply_defaults()
+    a = arguments.arguments
+    _check_arch(a["arch"], a["size"])
+
+    def measured() -> tuple[int, ...]:
+        backbone, neck, _ = _network_parts(a["arch"], a["size"], a["width"], a["reduced_tail"])
+        return _feature_map_sizes(backbone, neck, a["size"])
+
+    return _prior_spec(
+        a["arch"],
+        a["size"],
+        a["prior_preset_name"],
+        a["prior_spec"],
+        a["min_sizes"],
+        a["max_sizes"],
+        measured,
+    )
+
+
+def _check_arch(arch: str, size: int) -> None:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
-    detection = DetectionConfig(score_threshold, nms_iou_threshold, top_k, pre_nms_top_k)
-    preset = prior_preset_name or _DEFAULT_PRIORS.get(arch, "voc")
-    head: HeadFactory = SSDHead
-    backbone: nn.Module
-    neck: nn.Module
+    if arch == "vgg16" and size not in (300, 512):
+        raise ValueError(f"VGG16 SSD comes in sizes 300 and 512, got {size}")
+    if arch == "resnet50" and size != 300:
+        raise ValueError(f"the ResNet-50 SSD is NVIDIA's SSD300: size must be 300, got {size}")
+
+
+def _network_parts(
+    arch: str, size: int, width: int, reduced_tail: bool
+) -> tuple[nn.Module, nn.Module, HeadFactory]:
+    """Backbone, neck and head factory of `arch`."""
+    _check_arch(arch, size)
     if arch == "vgg16":
-        if size not in (300, 512):
-            raise ValueError(f"VGG16 SSD comes in sizes 300 and 512, got {size}")
         backbone = VGG16Backbone()
-        neck = SSDNeck(backbone.out_channels, EXTRAS_SSD300 if size == 300 else EXTRAS_SSD512)
-        spec = prior_spec or prior_preset(size, preset)
-    elif arch == "compact":
-        backbone = CompactBackbone(width)
-        neck = SSDNeck(backbone.out_channels, compact_extras(width), l2norm_first=False)
-        spec = prior_spec or PriorSpec.from_scales(
-            size, _feature_map_sizes(backbone, neck, size), _COMPACT_RATIOS
+        return (
+            backbone,
+            SSDNeck(backbone.out_channels, EXTRAS_SSD300 if size == 300 else EXTRAS_SSD512),
+            SSDHead,
         )
-    elif arch == "mobilenet_v3_large":
+    if arch == "compact":
+        backbone = CompactBackbone(width)
+        return backbone, SSDNeck(backbone.out_channels, compact_extras(width), l2norm_first=False), SSDHead
+    if arch == "mobilenet_v3_large":
         backbone = MobileNetV3Backbone(reduced_tail=reduced_tail)
-        neck = SSDLiteNeck(backbone.out_channels)
-        head = SSDLiteHead
-        if prior_spec is None and preset == "ssdlite":
-            spec = ssdlite_prior_spec(size, _feature_map_sizes(backbone, neck, size))
-        else:
-            spec = prior_spec or prior_preset(size, preset)
-    else:  # resnet50
-        if size != 300:
-            raise ValueError(f"the ResNet-50 SSD is NVIDIA's SSD300: size must be 300, got {size}")
-        backbone = ResNet50Backbone()
-        neck = SSDNeck(backbone.out_channels, EXTRAS_RESNET50, l2norm_first=False, batch_norm=True)
-        spec = prior_spec or prior_preset(size, preset)
+        return backbone, SSDLiteNeck(backbone.out_channels), SSDLiteHead
+    backbone = ResNet50Backbone()
+    neck = SSDNeck(backbone.out_channels, EXTRAS_RESNET50, l2norm_first=False, batch_norm=True)
+    return backbone, neck, SSDHead
+
+
+def _prior_spec(
+    arch: str,
+    size: int,
+    prior_preset_name: str | None,
+    prior_spec: PriorSpec | None,
+    min_sizes: Sequence[float] | None,
+    max_sizes: Sequence[float] | None,
+    feature_map_sizes: Callable[[], tuple[int, ...]],
+) -> PriorSpec:
+    """The priors of `arch` at `size`; `feature_map_sizes` is called only for the archs whose boxes follow
+    the network (compact, SSDLite)."""
+    preset = prior_preset_name or _DEFAULT_PRIORS.get(arch, "voc")
+    if prior_spec is not None:
+        spec = prior_spec
+    elif arch == "compact":
+        spec = PriorSpec.from_scales(size, feature_map_sizes(), _COMPACT_RATIOS)
+    elif arch == "mobilenet_v3_large" and preset == "ssdlite":
+        spec = ssdlite_prior_spec(size, feature_map_sizes())
+    else:
+        spec = prior_preset(size, preset)
     if spec.image_size != size:
         raise ValueError(f"prior spec is for {spec.image_size}px input but size={size}")
-    return SSD(backbone, neck, spec, num_classes, detection, (float(variances[0]), float(variances[1])), head)
+    for name, sizes in (("min_sizes", min_sizes), ("max_sizes", max_sizes)):
+        if sizes is None:
+            continue
+        if len(sizes) != len(spec.feature_maps) or min(float(s) for s in sizes) <= 0:
+            raise ValueError(
+                f"model.net.{name} needs one positive size (input pixels) per feature map: the network has "
+                f"{len(spec.feature_maps)} ({list(spec.feature_maps)}), got {list(sizes)}"
+            )
+        spec = replace(spec, **{name: tuple(float(s) for s in sizes)})
+    return spec

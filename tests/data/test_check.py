@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -39,6 +40,21 @@ def test_coco128_passes_in_both_formats(coco128_root: Path) -> None:
     assert status == 0
     assert any("128 images, 939 objects (10 difficult/crowd)" in line for line in lines)
     assert "val: same data as train" in lines
+    # then how well the priors of the model (dataset=coco: SSD300, COCO sizes) reach the training boxes,
+    # without the crowd boxes (not training targets), ending with sizes that reach more
+    start = lines.index(
+        "prior coverage of coco train2017 for model=ssd300: 929 boxes at 300x300 input, 8732 priors, "
+        "matching IoU >= 0.5"
+    )
+    assert re.fullmatch(
+        r"  reached by a prior: \d+ of 929 \(\d+\.\d%\), mean best IoU 0\.\d\d", lines[start + 1]
+    )
+    assert [
+        line.split()[0] for line in lines[start + 3 : start + 9]
+    ] == "38x38 19x19 10x10 5x5 3x3 1x1".split()
+    assert re.fullmatch(r"  suggested prior sizes reach \d+\.\d% \(now \d+\.\d%\):", lines[-3])
+    assert re.fullmatch(r"    model\.net\.min_sizes=\[[\d.,]+\] model\.net\.max_sizes=\[[\d.,]+\]", lines[-2])
+    assert lines[-1] == "OK: 0 error(s), 0 warning(s)"
 
 
 def test_every_problem_is_listed_with_its_file_and_the_status_is_1(make_voc: Callable[..., Path]) -> None:

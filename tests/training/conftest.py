@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from training_helpers import FITTED_EPOCHS, FittedRun, shapes_as_voc
 
 # The built-in dataset at a tiny size (generated once per session, away from the user's cache).
 TINY_SHAPES = [
@@ -44,36 +46,33 @@ def fast(shapes_root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def trained_checkpoint(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """last.ckpt of the compact model fitted to the tiny shapes training images (a real mAP on them), for
-    tests that compare evaluations: near-zero mAPs would hide differences."""
-    from training_helpers import compose_config
+def fitted_run(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> FittedRun:
+    from training_helpers import check_ok, run_script
 
-    from ssd_lightning.cli.train import train
+    from ssd_lightning.data.shapes import ensure_shapes_dataset
 
-    folder = tmp_path_factory.mktemp("trained")
-    overrides = [
-        f"dataset.root={shapes_root}",
-        *TINY_SHAPES,
+    ensure_shapes_dataset(
+        shapes_root, **{o.split("=")[0].split(".")[-1]: int(o.split("=")[1]) for o in TINY_SHAPES}
+    )
+    cwd = tmp_path_factory.mktemp("fitted")
+    overrides = (
+        *shapes_as_voc(shapes_root),
+        "model=compact",
         "model.image_size=96",
         "model.net.width=16",
         "dataset/augmentation=none",
         "dataset.batch_size=4",
-        "dataset.num_workers=0",
         "trainer.accelerator=cpu",
         "trainer.devices=1",
-        f"trainer.max_epochs={TRAINED_EPOCHS}",
-        f"trainer.check_val_every_n_epoch={TRAINED_EPOCHS}",
+        f"trainer.max_epochs={FITTED_EPOCHS}",
+        f"trainer.check_val_every_n_epoch={FITTED_EPOCHS}",
         "trainer.num_sanity_val_steps=0",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "callbacks.progress_bar=null",
         "optimizer.lr=3e-3",
         "optimizer.weight_decay=0",
-        "test=false",
-    ]
-    train(compose_config("train", overrides, folder))
-    return folder / "checkpoints" / "last.ckpt"
-
-
-TRAINED_EPOCHS = 40
+        "logger=csv",
+        "run_name=fitted",
+    )
+    stdout = check_ok(run_script("train.py", overrides, cwd=cwd, env={"HYDRA_FULL_ERROR": "0"}))
+    (folder,) = (cwd / "outputs" / "train" / "runs" / "fitted").iterdir()
+    metrics = json.loads((folder / "metrics.json").read_text())
+    return FittedRun(cwd, folder, stdout, metrics, overrides)

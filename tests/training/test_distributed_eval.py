@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import FittedRun, shapes_as_voc
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from training_helpers import check_ok, run_script
-
-from ssd_lightning.data.shapes import SHAPE_CLASSES
 
 IMAGES = 7  # does not divide over 3 ranks: the default sampler would evaluate 9
 
@@ -25,20 +24,16 @@ def test_ranks_share_the_images_without_repeats() -> None:
 
 
 @pytest.mark.timeout(900)
-def test_three_processes_report_the_images_and_map_of_one(
-    trained_checkpoint: Path, shapes_root: Path, tmp_path: Path
-) -> None:
-    # A 7-image split of the tiny shapes data (the images the checkpoint was fitted to: a real mAP).
-    main = shapes_root / "VOCshapes" / "ImageSets" / "Main"
+def test_three_processes_report_the_images_and_map_of_one(fitted_run: FittedRun, tmp_path: Path) -> None:
+    # A 7-image split of the images the checkpoint was fitted to (a real mAP), read as VOC-layout data.
+    root = Path(next(o for o in fitted_run.overrides if o.startswith("dataset.root=")).split("=", 1)[1])
+    main = root / "VOCshapes" / "ImageSets" / "Main"
     (main / "seven.txt").write_text("".join(main.joinpath("train.txt").read_text().splitlines(True)[:IMAGES]))
     common = [
-        f"ckpt_path={trained_checkpoint}",
-        "dataset=voc",
-        f"dataset.root={shapes_root}",
-        f"dataset.classes=[{','.join(SHAPE_CLASSES)}]",
+        f"ckpt_path={fitted_run.checkpoint}",
+        *shapes_as_voc(root),
         *(f"dataset.{split}_sets=[[shapes,seven]]" for split in ("train", "val", "test")),
         "dataset.batch_size=2",
-        "dataset.num_workers=0",
         "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
     ]
@@ -57,7 +52,7 @@ def test_three_processes_report_the_images_and_map_of_one(
         results[processes] = json.loads(out.read_text())
     one, three = results[1], results[3]
     assert one["num_images"] == three["num_images"] == IMAGES
-    assert one["map_voc07"] > 0.2, "the fixture's checkpoint should detect the shapes it was fitted to"
+    assert one["map_voc07"] > 0.2, "the fitted checkpoint should detect the shapes it was fitted to"
     for key in ("map_voc07", "map_voc12", "map", "map_50"):
         assert three[key] == pytest.approx(one[key], abs=1e-6), key
     assert outputs[3].count("mAP VOC07") == 1  # reported by rank 0 only

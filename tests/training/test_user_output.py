@@ -3,14 +3,14 @@ missing option, a console without third-party noise, and the run's log in its fo
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
 from torchvision.io import decode_png, read_file
-from training_helpers import check_ok, compose_config, run_script
+from training_helpers import FittedRun, check_ok, compose_config, run_script
 
 ENTRY_POINTS = {
     "train.py": ["dataset=voc"],  # dataset.root is mandatory for voc
@@ -20,18 +20,14 @@ ENTRY_POINTS = {
 }
 
 
-@pytest.mark.timeout(900)
-def test_a_run_shows_its_detections_and_predict_finds_the_test_split(fast: list[str], tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    env = {"HYDRA_FULL_ERROR": "0"}
-    stdout = check_ok(run_script("train.py", [*fast, f"hydra.run.dir={run}"], cwd=tmp_path, env=env))
+def test_a_run_shows_its_detections_and_reads_cleanly(fitted_run: FittedRun) -> None:
+    stdout, run = fitted_run.stdout, fitted_run.folder
     picture = run / "test_detections.png"
     assert f"Detections on test images: {picture}" in stdout
     grid = decode_png(read_file(str(picture)))
     # 8 test images of 96 px, enlarged 4x (to at least 320 px), in 4 columns and 2 rows with 6 px gaps.
     assert grid.shape == (3, 2 * 384 + 3 * 6, 4 * 384 + 5 * 6)
     assert grid.float().std() > 20  # the images themselves, not an empty canvas
-
     # The console: our lines and Lightning's useful ones, not its tips, nor deprecation notices.
     for noise in ("💡 Tip", "LeafSpec", "GPU available", "Traceback"):
         assert noise not in stdout
@@ -39,35 +35,51 @@ def test_a_run_shows_its_detections_and_predict_finds_the_test_split(fast: list[
     log = (run / "train.log").read_text()
     assert "Final mAP" in log and "[ssd_lightning]" in log and "`Trainer.fit` stopped" in log
 
-    # predict.py with a checkpoint only: the test split of the data it was trained on.
+
+@pytest.mark.timeout(900)
+def test_predict_without_input_uses_the_training_datas_test_split(
+    fitted_run: FittedRun, tmp_path: Path
+) -> None:
     predicted = tmp_path / "predict"
     stdout = check_ok(
         run_script(
             "predict.py",
-            [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={predicted}"],
+            [f"ckpt_path={fitted_run.checkpoint}", f"hydra.run.dir={predicted}"],
             cwd=tmp_path,
-            env=env,
+            env={"HYDRA_FULL_ERROR": "0"},
         )
     )
     assert "the test split of the checkpoint's training data" in stdout
     drawn = sorted(p.name for p in (predicted / "images").glob("*.jpg"))
     assert drawn == [f"test_{i:06d}.jpg" for i in range(8)]
     results = json.loads((predicted / "detections.json").read_text())
-    assert {r["image_id"] for r in results} <= set(range(8)) and results
+    assert results and {r["image_id"] for r in results} <= set(range(8))
+
+
+def test_a_missing_option_ends_the_command_line_in_one_line(tmp_path: Path) -> None:
+    result = run_script("eval.py", [], cwd=tmp_path, env={"HYDRA_FULL_ERROR": "0"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    output = (result.stdout + result.stderr).strip().splitlines()
+    assert output == [
+        "ERROR: eval.py needs ckpt_path=...: a checkpoint file, or `last` for the newest training run's "
+        "last.ckpt: ckpt_path=last"
+    ]
 
 
 @pytest.mark.parametrize("script", list(ENTRY_POINTS))
-def test_a_missing_option_is_one_line_with_an_example(script: str, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    result = run_script(script, ENTRY_POINTS[script], cwd=tmp_path, env={**env, "HYDRA_FULL_ERROR": "0"})
-    assert result.returncode == 1
-    output = (result.stdout + result.stderr).strip().splitlines()
-    assert len(output) == 1 and "Traceback" not in result.stderr, output
+def test_every_entry_point_names_its_missing_option_with_an_example(
+    script: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    entry = importlib.import_module(f"ssd_lightning.cli.{script[:-3]}")
+    cfg = compose_config(script[:-3], ENTRY_POINTS[script], tmp_path)
+    with pytest.raises(SystemExit) as exited, caplog.at_level(logging.ERROR, logger="ssd_lightning"):
+        entry.main.__wrapped__(cfg)  # what @hydra.main calls
+    assert exited.value.code == 1
+    (message,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     option = "dataset.root" if script == "train.py" else "ckpt_path"
-    assert output[0].startswith(f"ERROR: {script} needs {option}=...: "), output[0]
-    assert ("dataset.root=/data/" if option == "dataset.root" else "ckpt_path=last") in output[
-        0
-    ]  # an example
+    assert message.startswith(f"{script} needs {option}=...: ")
+    assert ("dataset.root=/data/" if option == "dataset.root" else "ckpt_path=last") in message  # an example
 
 
 def test_progress_in_a_log_file_is_a_line_every_few_seconds(

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -59,3 +60,37 @@ def check_ok(result: subprocess.CompletedProcess) -> str:
     output = f"--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
     assert result.returncode == 0, f"exit {result.returncode}\n{output}"
     return result.stdout
+
+
+@dataclass(frozen=True)
+class FittedRun:
+    """A real `python train.py` run (subprocess, default run folder under `cwd`) that fitted the compact
+    model to the tiny shapes training images, validating on those same images: a real mAP to compare."""
+
+    cwd: Path
+    folder: Path
+    stdout: str
+    metrics: dict[str, float]
+    overrides: tuple[str, ...]
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "checkpoints" / "last.ckpt"
+
+
+FITTED_EPOCHS = 30
+
+
+def shapes_as_voc(root: Path) -> list[str]:
+    """The tiny shapes data read through dataset=voc, so that validation can use the training images."""
+    from ssd_lightning.data.shapes import SHAPE_CLASSES
+
+    return [
+        "dataset=voc",
+        f"dataset.root={root}",
+        f"dataset.classes=[{','.join(SHAPE_CLASSES)}]",
+        "dataset.train_sets=[[shapes,train]]",
+        "dataset.val_sets=[[shapes,train]]",
+        "dataset.test_sets=[[shapes,test]]",
+        "dataset.num_workers=0",
+    ]

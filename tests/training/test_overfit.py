@@ -16,6 +16,8 @@ from training_helpers import compose_config
 from ssd_lightning.cli.build import instantiate_datamodule
 from ssd_lightning.cli.eval import evaluate, load_for_inference
 from ssd_lightning.cli.train import train
+from ssd_lightning.metrics import VOCMeanAveragePrecision
+from ssd_lightning.training.evaluation import detections_in_pixels
 from ssd_lightning.training.module import SSDLitModule
 
 HANDFUL = 6  # images: the first batch of coco128's VOC "val" list, used for training and validation
@@ -65,7 +67,8 @@ def test_overfit_a_handful_of_coco128_images(coco128_root: Path, tmp_path: Path)
     )
     metrics = train(cfg)
     assert metrics["step"] == STEPS
-    assert metrics["val/map_voc07"] >= 0.9, metrics
+    # seed=42 gives 0.909 on CPU; a broken matching, loss or metric lands far below this.
+    assert metrics["val/map_voc07"] >= 0.8, metrics
 
     best = next((tmp_path / "train" / "checkpoints").glob("best-*.ckpt"))
     eval_cfg = compose_config(
@@ -82,30 +85,27 @@ def test_overfit_a_handful_of_coco128_images(coco128_root: Path, tmp_path: Path)
     assert written["map_voc07"] == result.map_voc07 and written["split"] == "val"
     assert set(written["per_class_ap_voc07"]) <= set(cfg.dataset.classes)
 
-    bf16_cfg = compose_config(
-        "eval",
-        [
-            *handful_overrides(coco128_root),
-            f"ckpt_path={best}",
-            "split=val",
-            "trainer.limit_val_batches=1",
-            "trainer.precision=bf16-mixed",
-        ],
-        tmp_path / "eval_bf16",
-    )
-    assert evaluate(bf16_cfg).map_voc07 == pytest.approx(result.map_voc07, abs=BF16_MAP_TOLERANCE)
-    assert_bf16_detections_match(load_for_inference(eval_cfg), eval_cfg)
+    assert_bf16_detections_match(load_for_inference(eval_cfg), eval_cfg, result.map_voc07)
 
 
-def assert_bf16_detections_match(module: SSDLitModule, cfg: DictConfig) -> None:
+def assert_bf16_detections_match(module: SSDLitModule, cfg: DictConfig, fp32_map: float) -> None:
+    """One pass over the validation batch in fp32 and in bf16-mixed: the same mAP within the tolerance,
+    and every confident fp32 detection found again."""
     datamodule = instantiate_datamodule(cfg)
     datamodule.setup("validate")
-    images, _ = next(iter(datamodule.val_dataloader()))
+    images, targets = next(iter(datamodule.val_dataloader()))
     module.eval()
     with torch.inference_mode():
         fp32 = module.net.detect(*module._predict(images))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = module.net.detect(*module._predict(images))
+    maps = []
+    for detections in (fp32, bf16):
+        metric = VOCMeanAveragePrecision(iou_threshold=0.5, use_07_metric=True)
+        metric.update(*detections_in_pixels(detections, targets))
+        maps.append(float(metric.compute()["map"]))
+    assert maps[0] == pytest.approx(fp32_map, abs=1e-4)  # the batch is the whole validation split
+    assert maps[1] == pytest.approx(maps[0], abs=BF16_MAP_TOLERANCE)
     confident = 0
     for ours, fast in zip(fp32, bf16, strict=True):
         for box, label, score in zip(ours["boxes"], ours["labels"], ours["scores"], strict=True):

@@ -3,6 +3,7 @@ unbroken run."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from training_helpers import PROJECT_ROOT, check_ok, run_script
 
@@ -80,3 +82,43 @@ def test_sigkill_mid_epoch_then_resume(fast: list[str], tmp_path: Path) -> None:
     with open(second / "csv" / "version_0" / "metrics.csv") as stream:
         logged_steps = [int(row["step"]) for row in csv.DictReader(stream) if row.get("train/loss")]
     assert min(logged_steps) >= killed_at
+
+
+class CaptureStart(pl.Callback):
+    """Keeps the weights and optimiser state a fit starts from (after Lightning restored a checkpoint)."""
+
+    captured: dict = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        CaptureStart.captured = {
+            "state_dict": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+            "optimizer": copy.deepcopy(trainer.optimizers[0].state_dict()),  # its tensors go on changing
+            "step": trainer.global_step,
+        }
+
+
+def test_a_resumed_fit_starts_from_the_checkpoints_weights_and_optimiser_state(
+    fast: list[str], tmp_path: Path
+) -> None:
+    from training_helpers import compose_config
+
+    from ssd_lightning.cli.train import train
+
+    common = [*fast, "test=false", "+callbacks.capture._target_=test_resume.CaptureStart"]
+    train(compose_config("train", [*common, "trainer.max_epochs=1"], tmp_path / "first"))
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    train(
+        compose_config("train", [*common, "trainer.max_epochs=2", f"ckpt_path={last}"], tmp_path / "second")
+    )
+    start = CaptureStart.captured
+    assert start["step"] == saved["global_step"] == STEPS_PER_EPOCH
+    for key, value in saved["state_dict"].items():
+        torch.testing.assert_close(start["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    (expected,) = saved["optimizer_states"]
+    restored = start["optimizer"]
+    assert restored["param_groups"] == expected["param_groups"]
+    assert restored["state"].keys() == expected["state"].keys() and restored["state"]
+    for index, state in expected["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(restored["state"][index][name], value, rtol=0, atol=0)

@@ -9,11 +9,17 @@ import time
 from pathlib import Path
 
 import pytest
+import wandb
+from google.protobuf.message import DecodeError
 from training_helpers import compose_config
 from wandb.proto import wandb_internal_pb2
 
 from ssd_lightning.cli.train import train
 
+FORMAT_CHANGED = (
+    f"the offline log format of wandb {wandb.__version__} is not the one this test reads (LevelDB-framed "
+    "protobuf records); update read_records to the installed version's format"
+)
 _BLOCK = 32768  # the transaction log is LevelDB's log format: 32 KiB blocks of framed chunks
 _HEADER = 7
 
@@ -21,7 +27,8 @@ _HEADER = 7
 def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
     """The protobuf records of an offline run's `run-<id>.wandb` file (what `wandb sync` uploads)."""
     data = path.read_bytes()
-    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    if data[:4] != b":W&B":
+        pytest.fail(f"{path} does not start like a W&B transaction log: {FORMAT_CHANGED}", pytrace=False)
     records, chunks, position = [], [], _HEADER
     while position + _HEADER <= len(data):
         if _BLOCK - position % _BLOCK < _HEADER:  # block trailer too short for a header: padding
@@ -36,7 +43,10 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
         position += length
         if kind in (1, 4):  # a full record, or the last chunk of one
             record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(chunks))
+            try:
+                record.ParseFromString(b"".join(chunks))
+            except DecodeError as error:
+                pytest.fail(f"{path}: a record does not parse ({error}): {FORMAT_CHANGED}", pytrace=False)
             records.append(record)
             chunks = []
     return records

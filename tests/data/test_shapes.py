@@ -93,7 +93,8 @@ def _generate(root: str) -> str:
 
 
 def test_processes_starting_together_share_one_cache(tmp_path: Path) -> None:
-    with multiprocessing.get_context("fork").Pool(3) as pool:
+    # forkserver, not fork: forking this process, whose torch threads are running, can deadlock them.
+    with multiprocessing.get_context("forkserver").Pool(3) as pool:
         results = pool.map(_generate, [str(tmp_path)] * 3)
     assert results == [str(tmp_path)] * 3
     dataset = VOCDetection(tmp_path, [("shapes", "train")], SHAPE_CLASSES)

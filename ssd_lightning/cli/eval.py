@@ -1,18 +1,26 @@
-"""`python eval.py ckpt_path=... [dataset=...] [split=test|val]`: VOC07, VOC2010+ and COCO mAP.
+"""`python eval.py ckpt_path=... [dataset=...] [split=test|val] [analysis=true]`: VOC07, VOC2010+, COCO mAP.
 
 Prints the three mAPs and a per-class table and writes them as JSON. The network, its input size and
-normalisation come from the checkpoint, so `model=` need not be repeated.
+normalisation come from the checkpoint, so `model=` need not be repeated. `analysis=true` adds the false
+positives by cause and the missed objects by size (`ssd_lightning.metrics.analysis`) to the printout and
+the JSON, and draws precision-recall curves per class (a PNG in the run folder, and a W&B plot with
+`logger=wandb`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
+from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
-from ssd_lightning.cli.build import build_trainer, instantiate_datamodule
+from ssd_lightning.cli.build import build_trainer, finish_wandb, instantiate_datamodule, instantiate_loggers
 from ssd_lightning.cli.preflight import check_accelerator, user_errors_as_messages
 from ssd_lightning.cli.report import format_results, report, write_json
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
+from ssd_lightning.metrics.analysis import OUTCOMES, ErrorAnalysis, plot_pr_curves
 from ssd_lightning.training.checkpointing import resolve_checkpoint
 from ssd_lightning.training.evaluation import EvaluationResult
 from ssd_lightning.training.module import SSDLitModule
@@ -46,14 +54,63 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
     cfg.model.pixel_std = list(module.hparams.pixel_std)
     datamodule = instantiate_datamodule(cfg)
     check_classes(module, datamodule.classes, f"dataset={cfg.dataset.name}")
-    trainer = build_trainer(cfg.trainer, callbacks=[], loggers=[])
+    if cfg.get("analysis", False):
+        evaluator = module.val_evaluator if cfg.split == "val" else module.test_evaluator
+        evaluator.error_analysis = True
+        evaluator.analysis_score_threshold = float(cfg.analysis_score_threshold)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer = build_trainer(cfg.trainer, callbacks=[], loggers=loggers)
     run = trainer.validate if cfg.split == "val" else trainer.test
     run(module, datamodule=datamodule, verbose=False)
     result = module.last_evaluation
     report(format_results(result, f"{cfg.ckpt_path} on {cfg.dataset.name} {cfg.split}:"))
+    if result.analysis is not None:
+        report(result.analysis.format())
+        save_analysis(result.analysis, cfg.pr_curves_png, f"{cfg.dataset.name} {cfg.split}", loggers)
     write_json(cfg.output_json, {"checkpoint": str(cfg.ckpt_path), "split": cfg.split, **result.to_dict()})
     report(f"Wrote {cfg.output_json}")
+    finish_wandb(loggers)
     return result
+
+
+@rank_zero_only
+def save_analysis(analysis: ErrorAnalysis, png: str | Path, title: str, loggers: list[Logger]) -> None:
+    """The precision-recall curves as a PNG and, for each W&B logger, as a plot with the breakdown table."""
+    png = plot_pr_curves(analysis, png, title)
+    report(f"Wrote {png}")
+    wandb_loggers = [logger for logger in loggers if isinstance(logger, WandbLogger)]
+    if not wandb_loggers:
+        return
+    import wandb
+
+    names = list(analysis.curves)
+    points = [analysis.curves[name].points() for name in names]
+    columns = ["class", "scope", "detections", *OUTCOMES, "objects", "missed"]
+    rows = []
+    for scope, overall, per_class in (
+        ("all detections", analysis.overall, analysis.per_class),
+        (
+            f"score >= {analysis.score_threshold:g}",
+            analysis.overall_at_threshold,
+            analysis.per_class_at_threshold,
+        ),
+    ):
+        for name, b in {"all classes": overall, **per_class}.items():
+            rows.append([name, scope, b.detections, *(getattr(b, o) for o in OUTCOMES), b.objects, b.missed])
+    for logger in wandb_loggers:
+        logger.experiment.log(
+            {
+                "analysis/pr_curves": wandb.plot.line_series(
+                    xs=[recall for recall, _ in points],
+                    ys=[precision for _, precision in points],
+                    keys=names,
+                    title=f"precision-recall per class, {title}",
+                    xname="recall",
+                ),
+                "analysis/pr_curves_png": wandb.Image(str(png)),
+                "analysis/errors": wandb.Table(columns=columns, data=rows),
+            }
+        )
 
 
 @hydra.main(version_base=HYDRA_VERSION_BASE, config_path=str(config_dir()), config_name="eval")

@@ -183,6 +183,23 @@ class VOCMeanAveragePrecision(Metric):
             "map_voc12": map12.float().to(self.device),
         }
 
+    def accumulated(self) -> tuple[Tensor, Tensor, Tensor]:
+        """What `compute()` evaluates, as CPU tensors: detections [D, 6] (x1, y1, x2, y2, score, label),
+        ground truth [G, 6] (x1, y1, x2, y2, label, difficult 0/1) and per-image counts [I, 2] (detections,
+        ground truths; int64), in update order. Gathered from every process when distributed, like
+        `compute()`: call it on every rank. For analyses beyond AP (:mod:`ssd_lightning.metrics.analysis`).
+        """
+        with self.sync_context(
+            dist_sync_fn=self.dist_sync_fn,
+            should_sync=self._to_sync and not self._is_synced,
+            should_unsync=self._should_unsync,
+        ):
+            return (
+                _rows(self.det_rows, _DET_FIELDS),
+                _rows(self.gt_rows, _GT_FIELDS),
+                _rows(self.image_counts, _COUNT_FIELDS).long(),
+            )
+
     def per_class_ap(self, result: dict[str, Tensor] | None = None) -> dict[str, float]:
         """AP per evaluated class keyed by class name (``class_<label>`` without ``class_names``).
 

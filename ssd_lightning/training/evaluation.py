@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -12,6 +12,7 @@ from torchmetrics.aggregation import SumMetric
 from torchmetrics.detection import MeanAveragePrecision
 
 from ssd_lightning.metrics import VOCMeanAveragePrecision
+from ssd_lightning.metrics.analysis import ErrorAnalysis, analyze_errors
 
 # COCO's protocol scores at most 100 detections per image; passing more only makes torchmetrics warn.
 COCO_MAX_DETECTIONS = 100
@@ -61,21 +62,36 @@ class EvaluationResult:
     num_images: int  # over all processes: under DDP, the evaluation covered the whole split
     per_class_ap_voc07: dict[str, float] = field(default_factory=dict)
     per_class_ap_voc12: dict[str, float] = field(default_factory=dict)
+    # Errors by cause and misses by size, when the evaluator was asked for them (eval.py analysis=true).
+    analysis: ErrorAnalysis | None = field(default=None, repr=False)
 
     def scalars(self) -> dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items() if isinstance(v, (int, float))}
+        return {k: float(v) for k, v in self.to_dict().items() if isinstance(v, (int, float))}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(replace(self, analysis=None))  # the analysis holds arrays: its own to_dict
+        data.pop("analysis")
+        if self.analysis is not None:
+            data["analysis"] = self.analysis.to_dict()
+        return data
 
 
 class DetectionEvaluator(nn.Module):
     """Accumulates a pass over a dataset; both metrics are torchmetrics `Metric`s, so DDP ranks are synced
-    when `compute()` runs."""
+    when `compute()` runs.
 
-    def __init__(self, class_names: Sequence[str]) -> None:
+    With `error_analysis` set, `compute()` also breaks the errors down (`ssd_lightning.metrics.analysis`,
+    from the VOC metric's gathered state; counted over all detections and over those scoring at least
+    `analysis_score_threshold`); off by default, when it costs nothing.
+    """
+
+    def __init__(
+        self, class_names: Sequence[str], error_analysis: bool = False, analysis_score_threshold: float = 0.4
+    ) -> None:
         super().__init__()
         self.class_names = list(class_names)
+        self.error_analysis = error_analysis
+        self.analysis_score_threshold = analysis_score_threshold
         # Two instances because the metric reports per-class AP for its chosen protocol only.
         self.voc07 = VOCMeanAveragePrecision(
             iou_threshold=0.5, use_07_metric=True, class_names=self.class_names
@@ -136,6 +152,15 @@ class DetectionEvaluator(nn.Module):
             num_images=int(self.images.compute()),
             per_class_ap_voc07=self.voc07.per_class_ap(voc07),
             per_class_ap_voc12=self.voc12.per_class_ap(voc12),
+            analysis=self._analyze() if self.error_analysis else None,
+        )
+
+    def _analyze(self) -> ErrorAnalysis:
+        # One more gather of the VOC rows under DDP (every rank gets here, as for compute()).
+        return analyze_errors(
+            *self.voc12.accumulated(),
+            class_names=self.class_names,
+            score_threshold=self.analysis_score_threshold,
         )
 
     def reset(self) -> None:

@@ -212,8 +212,13 @@ def test_quickstart_loads_a_checkpoint_and_converted_torchvision_weights(
     assert figures(notebook) == 2  # the checkpoint's detections, the converted SSD300's
 
 
-def test_priors_and_matching(kernel_dir: Path, notebook_env: None) -> None:
-    notebook = run_notebook("02_priors_and_matching.ipynb", kernel_dir, SHAPES_OPTIONS=SMALL_SHAPES)
+def test_priors_and_matching(kernel_dir: Path, notebook_env: None, coco128_root: Path) -> None:
+    notebook = run_notebook(
+        "02_priors_and_matching.ipynb",
+        kernel_dir,
+        SHAPES_OPTIONS=SMALL_SHAPES,
+        COCO128_ROOT=str(coco128_root),
+    )
     text = printed(notebook)
     assert "SSD300: 300 px input, 8732 priors" in text  # the paper's count
     compact = sl.build_ssd(size=160, num_classes=6, arch="compact")
@@ -230,7 +235,17 @@ def test_priors_and_matching(kernel_dir: Path, notebook_env: None) -> None:
         assert len(per_object) >= 2 and min(per_object) >= 1
     positives = [int(n) for n in re.findall(r": (\d+) of \d+ priors are positives", text)]
     assert positives == [sum(int(n) for n in counts.split(",")) for counts in matched]
-    assert figures(notebook) == 2 + 1 + 2  # centre cells per model, the sparse sample, matches per model
+    # prior coverage: the compact model on the built-in training boxes, SSD300 (COCO sizes) on coco128's
+    shapes = find(r"prior coverage of shapes train \(compact\): (\d+) boxes at 160x160 input", text)
+    reached = find(r"prior coverage of shapes train.*\n  reached by a prior: (\d+) of (\d+)", text)
+    assert int(shapes.group(1)) == int(reached.group(2)) > 0 and int(reached.group(1)) > 0
+    _, coco_boxes = _coco_box_count(coco128_root / "coco" / "annotations" / "instances_train2017.json")
+    crowd = 10  # coco128's README: crowd boxes are not training targets
+    coco = r"prior coverage of coco128 \(SSD300, COCO sizes\): (\d+) boxes at 300x300 input, 8732 priors"
+    assert int(find(coco, text).group(1)) == coco_boxes - crowd
+    assert find(r"(model\.net\.min_sizes=\[.*\] model\.net\.max_sizes=\[.*\])", text)
+    # centre cells per model, the sparse sample, matches per model, best IoU by box size
+    assert figures(notebook) == 2 + 1 + 2 + 1
 
 
 def _coco_box_count(annotation_file: Path) -> tuple[int, int]:

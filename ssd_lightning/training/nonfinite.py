@@ -228,11 +228,16 @@ def _last_written_checkpoint(trainer: pl.Trainer) -> str | None:
     return None
 
 
-def _describe_images(trainer: pl.Trainer, image_ids: Sequence[int]) -> list[str]:
+def _train_records(trainer: pl.Trainer) -> dict[int, Any]:
+    """The training images' records by image id (none for data made on the fly)."""
     datamodule = trainer.datamodule
     dataset = getattr(datamodule, "datasets", {}).get("train") if datamodule is not None else None
-    records = {r.image_id: r for r in getattr(dataset, "records", [])}
-    classes = list(getattr(datamodule, "classes", []))
+    return {r.image_id: r for r in getattr(dataset, "records", [])}
+
+
+def _describe_images(trainer: pl.Trainer, image_ids: Sequence[int]) -> list[str]:
+    records = _train_records(trainer)
+    classes = list(getattr(trainer.datamodule, "classes", []))
     lines = []
     for image_id in image_ids:
         record = records.get(image_id)
@@ -260,5 +265,17 @@ def _usual_causes(
     )
     if "16" in str(trainer.precision) and "bf16" not in str(trainer.precision):
         causes.append("fp16 overflow: values above 65504 (trainer.precision=bf16-mixed or 32-true)")
-    causes.append("a degenerate box (zero or tiny width/height) in the batch above")
+    tiny = [
+        image_id
+        for image_id, box in _boxes_of(trainer, record["image_ids"] if record else [])
+        if min(box[2] - box[0], box[3] - box[1]) < 2
+    ]
+    if tiny:
+        causes.append(f"a degenerate box (under 2 px wide or high) in image(s) {sorted(set(tiny))}")
     return causes
+
+
+def _boxes_of(trainer: pl.Trainer, image_ids: Sequence[int]) -> list[tuple[int, list[float]]]:
+    """(image id, xyxy pixel box) of every training object of the images `image_ids`."""
+    records = _train_records(trainer)
+    return [(i, box) for i in image_ids if i in records for box in records[i].boxes.tolist()]

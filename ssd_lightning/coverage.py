@@ -20,8 +20,7 @@ are annotated; SSD's crop/zoom augmentation changes their sizes during training 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -31,6 +30,7 @@ from torch import Tensor
 
 from ssd_lightning.boxes import cxcywh_to_xyxy
 from ssd_lightning.priors import PriorSpec, generate_priors
+from ssd_lightning.threads import one_thread
 
 __all__ = [
     "BinCount",
@@ -195,7 +195,7 @@ def prior_coverage(
         iou_threshold: the loss's matching threshold (`model.loss.iou_threshold`).
         suggest: also search for prior sizes that reach more boxes (:func:`suggest_prior_sizes`).
     """
-    with _one_thread():
+    with one_thread():
         return _prior_coverage(boxes.float(), spec, iou_threshold, suggest)
 
 
@@ -250,7 +250,7 @@ def suggest_prior_sizes(
     if it beats the current sizes by at least `MIN_GAIN`, with the share of all `boxes` it reaches. Sizes
     are rounded to 0.1 px, as printed.
     """
-    with _one_thread():
+    with one_thread():
         return _suggest_prior_sizes(boxes.float(), spec, iou_threshold, max_boxes, seed)
 
 
@@ -305,18 +305,6 @@ def _suggest_prior_sizes(
     if len(sample) < len(boxes):
         suggestion = replace(suggestion, coverage=share_reached(boxes, suggestion.apply(spec), iou_threshold))
     return suggestion
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Torch CPU ops on one thread: these are many small ops, which extra threads only slow down (waking
-    them costs more than the work; 15x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _best_per_map(boxes: Tensor, spec: PriorSpec, maps: Iterable[int]) -> list[tuple[Tensor, Tensor]]:

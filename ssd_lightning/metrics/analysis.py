@@ -50,8 +50,8 @@ from ssd_lightning.metrics.voc import (
     _best_ground_truth,
     _blocks,
     _mark_true_positives,
-    _single_threaded,
 )
+from ssd_lightning.threads import one_thread
 
 __all__ = ["ERRORS", "OUTCOMES", "Breakdown", "ErrorAnalysis", "PRCurve", "analyze_errors", "plot_pr_curves"]
 
@@ -221,7 +221,7 @@ def analyze_errors(
         iou_threshold: the matching threshold of the metric (VOC: 0.5).
         background_iou: below this IoU with every object, a false positive is background.
     """
-    with _single_threaded():
+    with one_thread():
         return _analyze(
             detections.float(),
             ground_truth.float(),

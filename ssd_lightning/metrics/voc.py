@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from itertools import accumulate
 from typing import Any
 
@@ -19,6 +18,8 @@ from torchmetrics import Metric
 from torchmetrics.utilities import rank_zero_warn
 from torchmetrics.utilities.data import dim_zero_cat
 from torchvision.ops import box_iou
+
+from ssd_lightning.threads import one_thread
 
 __all__ = ["VOCMeanAveragePrecision"]
 
@@ -165,7 +166,7 @@ class VOCMeanAveragePrecision(Metric):
 
     def compute(self) -> dict[str, Tensor]:
         """Mean AP over the classes having a non-difficult ground truth; see the class docstring for keys."""
-        with _single_threaded():
+        with one_thread():
             det = _rows(self.det_rows, _DET_FIELDS)
             gt = _rows(self.gt_rows, _GT_FIELDS)
             counts = _rows(self.image_counts, _COUNT_FIELDS).long()
@@ -281,22 +282,6 @@ def _rows(state: list[Tensor] | Tensor, fields: int) -> Tensor:
     if isinstance(state, list) and not state:
         return torch.zeros(0, fields)
     return dim_zero_cat(state).detach().cpu().reshape(-1, fields)
-
-
-@contextmanager
-def _single_threaded() -> Iterator[None]:
-    """Run torch CPU ops on one intra-op thread, restoring the setting afterwards.
-
-    The matching runs many ops on small tensors: extra threads only add wake-up latency, which grows huge
-    when data workers or other ranks hold the cores (5000 images x 200 detections on a busy 2-core machine:
-    0.5 s on one thread, 5-20 s on two).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _evaluate(det: Tensor, gt: Tensor, counts: Tensor, iou_threshold: float) -> tuple[Tensor, Tensor, Tensor]:

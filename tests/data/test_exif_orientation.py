@@ -58,6 +58,6 @@ def test_photos_to_predict_on_are_shown_as_tagged(tmp_path: Path) -> None:
         "path": str(tmp_path / "photos" / "turned.jpg"),
         "boxes": torch.tensor([[2.0, 2.0, 30.0, 60.0]]),
         "scores": torch.tensor([0.9]),
-        "names": ["dog"],
+        "labels": torch.tensor([1]),
     }
-    assert draw(prediction, min_score=0.5).shape == (3, 64, 48)
+    assert draw(prediction, ["dog"], display_threshold=0.5).shape == (3, 64, 48)

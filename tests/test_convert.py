@@ -8,6 +8,7 @@ from torchvision.models.detection.image_list import ImageList
 
 import ssd_lightning as sl
 from ssd_lightning.boxes import cxcywh_to_xyxy
+from ssd_lightning.models.vgg import VGG16_CONV_NAMES, VGG16Backbone
 
 
 def _randomise(module, seed=0):
@@ -118,6 +119,55 @@ def test_unknown_keys_and_sources_are_rejected():
         sl.convert_state_dict({"rpn.head.weight": torch.zeros(1)}, source="torchvision")
     with pytest.raises(ValueError, match="unknown source"):
         sl.convert_state_dict({}, source="caffe")
+
+
+def _encoded_classifier(encode_rows: bool) -> dict:
+    """A torchvision-layout VGG16 state dict at full shapes whose fc6/fc7 entries hold their own row index
+    (`encode_rows`) or column index, as broadcast views: no memory for 100M values. Conv layers: zeros."""
+    vgg_convs = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256),
+                 (14, 256, 256), (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512),
+                 (26, 512, 512), (28, 512, 512)]  # fmt: skip
+    state = {}
+    for position, cin, cout in vgg_convs:
+        state[f"features.{position}.weight"] = torch.zeros(1).expand(cout, cin, 3, 3)
+        state[f"features.{position}.bias"] = torch.zeros(1).expand(cout)
+
+    def indices(rows: int, columns: int) -> torch.Tensor:
+        if encode_rows:
+            return torch.arange(rows, dtype=torch.float32)[:, None].expand(rows, columns)
+        return torch.arange(columns, dtype=torch.float32)[None, :].expand(rows, columns)
+
+    state["classifier.0.weight"] = indices(4096, 512 * 7 * 7)
+    state["classifier.0.bias"] = torch.arange(4096, dtype=torch.float32) + 0.5
+    state["classifier.3.weight"] = indices(4096, 4096)
+    state["classifier.3.bias"] = torch.arange(4096, dtype=torch.float32) + 0.25
+    return state
+
+
+def test_fc6_fc7_are_subsampled_into_conv6_conv7_as_in_the_paper():
+    # The paper (section 3): conv6 takes every 4th of fc6's 4096 units and every 3rd tap of its 7x7
+    # window over conv5_3's 512 channels (then dilated by 6), conv7 every 4th unit of fc7 and every 4th
+    # of its inputs, biases likewise. fc6 input (c, y, x) is column 49c + 7y + x of the flattened pool5.
+    backbone = VGG16Backbone()
+    assert backbone.conv("conv6").dilation == (6, 6) and backbone.conv("conv6").padding == (6, 6)
+    unit = torch.arange(1024)[:, None, None, None]
+    channel = torch.arange(512)[None, :, None, None]
+    tap_y, tap_x = torch.arange(3)[None, None, :, None], torch.arange(3)[None, None, None, :]
+    expected = {
+        True: {"conv6": (4 * unit).expand(1024, 512, 3, 3), "conv7": (4 * unit).expand(1024, 1024, 1, 1)},
+        False: {
+            "conv6": 49 * channel + 7 * (3 * tap_y) + 3 * tap_x,
+            "conv7": (4 * torch.arange(1024)[None, :, None, None]).expand(1024, 1024, 1, 1),
+        },
+    }
+    for encode_rows in (True, False):
+        loaded = sl.load_vgg16_backbone(backbone, _encoded_classifier(encode_rows))
+        assert loaded == list(VGG16_CONV_NAMES)
+        for name in ("conv6", "conv7"):
+            weight = backbone.conv(name).weight.detach()
+            assert torch.equal(weight, expected[encode_rows][name].expand_as(weight).float()), name
+    assert torch.equal(backbone.conv("conv6").bias.detach(), 4 * torch.arange(1024.0) + 0.5)
+    assert torch.equal(backbone.conv("conv7").bias.detach(), 4 * torch.arange(1024.0) + 0.25)
 
 
 def test_vgg16_imagenet_weights_load_into_the_backbone():

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from .base import DatasetError, DetectionDataset, ImageFolderDataset, Problem, Target
 from .coco import COCODetection, check_coco_root, coco_annotation_file, read_coco_json, resolve_coco_classes
-from .shapes import SHAPE_CLASSES, default_shapes_root, ensure_shapes_dataset
+from .shapes import SHAPE_CLASSES, OnlineShapesDataset, default_shapes_root, ensure_shapes_dataset
 from .transforms import DetectionTransform, build_eval_transform, build_train_transform
 from .voc import VOC_CLASSES, VOCDetection, check_voc_root, read_class_file, voc_folder
 
@@ -118,7 +118,9 @@ class DetectionDataModule(pl.LightningDataModule):
         skip_bad_samples: skip images with problems (counted in a warning) instead of failing.
         verify_images: read every image header in ``setup`` (existence is always checked).
         augmentation: keyword arguments of :func:`~ssd_lightning.data.transforms.build_train_transform`.
-        shapes: keyword arguments of :func:`~ssd_lightning.data.shapes.ensure_shapes_dataset` (counts, seed).
+        shapes: keyword arguments of :func:`~ssd_lightning.data.shapes.ensure_shapes_dataset` (counts, seed);
+            ``online: true`` trains on ``num_train`` fresh scenes per epoch rendered in the loader workers
+            (:class:`~ssd_lightning.data.shapes.OnlineShapesDataset`) instead of the cached train split.
     """
 
     def __init__(
@@ -194,6 +196,7 @@ class DetectionDataModule(pl.LightningDataModule):
         self.verify_images = verify_images
         self.augmentation = dict(augmentation or {})
         self.shapes_options = dict(shapes or {})
+        self.shapes_online = bool(self.shapes_options.pop("online", False))
         self.image_sets = {
             split: (_pairs(given_sets[split], f"{split}_sets") or _VOC_DEFAULT_SETS[split])
             if format == "voc"
@@ -240,10 +243,20 @@ class DetectionDataModule(pl.LightningDataModule):
             raise ValueError(f"dataset.classes must be distinct names, got {names}")
         return names
 
+    def _shapes_cache_options(self) -> dict[str, Any]:
+        # online training renders its own scenes: the cache then needs the val/test splits only
+        return {**self.shapes_options, "num_train": 0} if self.shapes_online else dict(self.shapes_options)
+
+    def _online_shapes(self, transform: DetectionTransform | None) -> OnlineShapesDataset:
+        options = self.shapes_options
+        generation = {k: options[k] for k in ("seed", "min_side", "max_side", "max_objects") if k in options}
+        length = int(options.get("num_train", 600))
+        return OnlineShapesDataset(length, self.classes, transform=transform, **generation)
+
     def prepare_data(self) -> None:
         """Generate the built-in dataset (once per node; the other processes wait on its file lock)."""
         if self.format == "shapes":
-            ensure_shapes_dataset(self.root, **self.shapes_options)
+            ensure_shapes_dataset(self.root, **self._shapes_cache_options())
 
     def build_dataset(
         self,
@@ -279,6 +292,8 @@ class DetectionDataModule(pl.LightningDataModule):
             if self.predict_root is None:
                 return self.build_dataset("test", keep_difficult=keep_difficult, **options)
             return ImageFolderDataset(self.predict_root, self.classes, **options)
+        if self.format == "shapes" and self.shapes_online and split == "train":
+            return self._online_shapes(options["transform"])
         if keep_difficult is None:
             keep_difficult = self.keep_difficult_in_train or split != "train"
         if self.val_holdout and split in ("train", "val"):
@@ -303,7 +318,7 @@ class DetectionDataModule(pl.LightningDataModule):
                 )
             return dataset
         if self.format == "shapes":
-            ensure_shapes_dataset(self.root, **self.shapes_options)
+            ensure_shapes_dataset(self.root, **self._shapes_cache_options())
         return VOCDetection(
             self.root, self.image_sets[split], self.classes, keep_difficult=keep_difficult, **options
         )

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import torch
 from filelock import FileLock
+from torch.utils.data import Dataset
 from torchvision.ops import box_iou
 
 from .base import log
@@ -273,9 +274,15 @@ def ensure_shapes_dataset(
         "max_side": int(max_side),
         "max_objects": int(max_objects),
     }
-    if min(params["num_train"], params["num_val"], params["num_test"]) < 1 or not 16 <= min_side <= max_side:
+    # num_train=0: a cache of the val/test splits only, for training on OnlineShapesDataset
+    if (
+        min(params["num_val"], params["num_test"]) < 1
+        or params["num_train"] < 0
+        or not 16 <= min_side <= max_side
+    ):
         raise ValueError(
-            f"shapes dataset: need >= 1 image per split and 16 <= min_side <= max_side, got {params}"
+            "shapes dataset: need >= 1 image per split (train: >= 0, for online training) and"
+            f" 16 <= min_side <= max_side, got {params}"
         )
     folder = root / SHAPES_FOLDER
     if _manifest_matches(folder, params):
@@ -293,3 +300,137 @@ def ensure_shapes_dataset(
                 shutil.rmtree(folder)
             os.replace(Path(scratch) / SHAPES_FOLDER, folder)
     return root
+
+
+#: rng key of the on-the-fly training scenes; 0, 1, 2 are the cached train, val and test splits, so
+#: fresh scenes never repeat an image of the cache.
+ONLINE_SPLIT_CODE = 3
+
+
+def _stored_boxes(objects: Sequence[tuple[int, np.ndarray]], width: int, height: int) -> np.ndarray:
+    """Boxes as the cache stores them (:func:`_voc_xml`) and the VOC loader reads them back: the
+    enclosing whole pixels, 0-based continuous xyxy."""
+    boxes = np.array([box for _, box in objects], np.float64).reshape(-1, 4)
+    out = np.concatenate([np.floor(boxes[:, :2]), np.ceil(boxes[:, 2:])], axis=1)
+    return np.minimum(out, [width, height, width, height]).astype(np.float32)
+
+
+def render_training_scene(
+    key: Sequence[int],
+    *,
+    min_side: int = 240,
+    max_side: int = 400,
+    max_objects: int = 6,
+    jpeg_quality: int | None = 92,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One scene as the cache would hold it: (RGB uint8 image, boxes float32 [N,4] xyxy pixels, kinds [N]).
+
+    Same code path as :func:`_write_dataset` (an rng seeded with ``key`` draws the size, then
+    :func:`render_scene`), and the same JPEG round trip unless ``jpeg_quality`` is None, so a model sees
+    the cache's compression artefacts in training too.
+    """
+    rng = np.random.default_rng(list(key))
+    width, height = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
+    image, objects = render_scene(width, height, rng, max_objects)
+    if jpeg_quality is not None:
+        ok, encoded = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
+        if not ok:  # pragma: no cover - OpenCV always encodes a uint8 image
+            raise RuntimeError("JPEG encoding failed")
+        image = cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    kinds = np.array([kind for kind, _ in objects], np.int64)
+    return image, _stored_boxes(objects, width, height), kinds
+
+
+class OnlineShapesDataset(Dataset):
+    """Endless fresh training scenes of the shapes generator, rendered in the DataLoader workers.
+
+    Every item is a new scene (the index only counts the epoch's length), so a run never sees an
+    image twice and cannot memorise the training set; the val/test splits stay the cached ones.
+    Each process draws from its own stream, seeded lazily from ``seed`` and ``torch.initial_seed()``
+    (distinct per DataLoader worker, fixed by ``seed_everything(..., workers=True)``), so runs are
+    reproducible for a seed and workers never repeat each other. Scene ``n`` of a stream is rendered
+    from the rng key ``(seed, ONLINE_SPLIT_CODE, stream, n)``.
+
+    Items are ``(image, target)`` exactly as :class:`~ssd_lightning.data.base.DetectionDataset` gives
+    them (labels 1..C in the order of ``classes``, boxes in pixels before the transform).
+
+    Args:
+        length: scenes per epoch.
+        classes: class names without background, a permutation or subset of :data:`SHAPE_CLASSES`;
+            shapes of other classes are left out of the targets (they stay in the picture).
+        seed, min_side, max_side, max_objects: generation settings, as for :func:`ensure_shapes_dataset`.
+        jpeg_quality: JPEG round trip as in the cache; None skips it.
+        transform: callable ``(image, target) -> (image, target)``, e.g. the training augmentation.
+    """
+
+    def __init__(
+        self,
+        length: int,
+        classes: Sequence[str] = SHAPE_CLASSES,
+        *,
+        seed: int = 0,
+        min_side: int = 240,
+        max_side: int = 400,
+        max_objects: int = 6,
+        jpeg_quality: int | None = 92,
+        transform: Callable[[np.ndarray, dict[str, Any]], tuple[Any, dict[str, Any]]] | None = None,
+    ) -> None:
+        if length < 1 or not 16 <= min_side <= max_side:
+            raise ValueError(
+                f"online shapes: need length >= 1 and 16 <= min_side <= max_side, got {length}, "
+                f"{min_side}, {max_side}"
+            )
+        unknown = [c for c in classes if c not in SHAPE_CLASSES]
+        if unknown or not classes:
+            raise ValueError(f"online shapes: classes must be among {SHAPE_CLASSES}, got {list(classes)}")
+        self.length = int(length)
+        self.classes = list(classes)
+        self.name = f"shapes online (seed {seed})"
+        self.seed = int(seed)
+        self.options = {"min_side": int(min_side), "max_side": int(max_side), "max_objects": int(max_objects)}
+        self.jpeg_quality = jpeg_quality
+        self.transform = transform
+        # kind index -> label (0 drops the object)
+        self._labels = np.array(
+            [self.classes.index(c) + 1 if c in self.classes else 0 for c in SHAPE_CLASSES], np.int64
+        )
+        self._stream: int | None = None
+        self._pid = -1
+        self._drawn = 0
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background."""
+        return len(self.classes) + 1
+
+    def reseed(self, stream: int) -> None:
+        """Restart this process's scenes as stream ``stream`` (otherwise chosen on first use)."""
+        self._stream, self._pid, self._drawn = int(stream) % 2**63, os.getpid(), 0
+
+    def next_key(self) -> tuple[int, int, int, int]:
+        """The rng key of the next scene of this process's stream."""
+        if self._stream is None or self._pid != os.getpid():  # first use in this process (worker)
+            self.reseed(torch.initial_seed())
+        assert self._stream is not None
+        key = (self.seed, ONLINE_SPLIT_CODE, self._stream, self._drawn)
+        self._drawn += 1
+        return key
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Any, dict[str, Any]]:
+        key = self.next_key()
+        image, boxes, kinds = render_training_scene(key, jpeg_quality=self.jpeg_quality, **self.options)
+        labels = self._labels[kinds]
+        keep = labels > 0
+        target = {
+            "boxes": boxes[keep],
+            "labels": labels[keep],
+            "difficult": np.zeros(int(keep.sum()), bool),
+            "image_id": int(index),
+            "orig_size": np.array(image.shape[:2], dtype=np.int64),
+        }
+        if self.transform is not None:
+            return self.transform(image, target)
+        return image, target

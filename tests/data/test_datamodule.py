@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from torch.utils.data import RandomSampler, SequentialSampler
 
 from ssd_lightning.cli.build import instantiate_datamodule
@@ -129,17 +131,74 @@ def test_data_problems_surface_in_setup_before_training(compose_cfg, make_voc: C
 
 
 @pytest.mark.parametrize(
-    ("overrides", "message"),
+    ("overrides", "raised", "cause", "message"),
     [
-        (["dataset.format=lmdb"], "dataset.format must be one of"),
-        (["+dataset.train_split=train2017"], "dataset.train_split do not apply to format 'shapes'"),
-        (["dataset.augmentation.flip=0.5"], "flip"),
-        (["dataset.std=[1,0,1]"], "std > 0"),
+        (["dataset.format=lmdb"], ValueError, None, "dataset.format must be one of"),
+        (
+            ["+dataset.train_split=train2017"],
+            ValueError,
+            None,
+            "dataset.train_split do not apply to format 'shapes'",
+        ),
+        # A misspelt augmentation key (`+`: Hydra itself refuses a key the config does not have) reaches
+        # build_train_transform in the constructor, whose TypeError Hydra wraps.
+        (
+            ["+dataset.augmentation.flip=0.5"],
+            InstantiationException,
+            TypeError,
+            r"build_train_transform\(\) got an unexpected keyword argument 'flip'",
+        ),
+        (["dataset.std=[1,0,1]"], ValueError, None, "std > 0"),
     ],
+    ids=["format", "split", "flip", "std"],
 )
-def test_config_mistakes_fail_on_construction(compose_cfg, overrides: list[str], message: str) -> None:
-    with pytest.raises(Exception, match=message):
-        instantiate_datamodule(compose_cfg("dataset=shapes", *overrides))
+def test_config_mistakes_fail_on_construction(
+    compose_cfg, overrides: list[str], raised: type, cause: type | None, message: str
+) -> None:
+    cfg = compose_cfg("dataset=shapes", *overrides)  # composes: the mistake is ours to catch
+    with pytest.raises(raised) as caught:
+        instantiate_datamodule(cfg)
+    error = caught.value if cause is None else caught.value.__cause__
+    assert type(error) is (cause or raised) and re.search(message, str(error)), repr(caught.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[], ["dataset/augmentation=none"], ["dataset.augmentation.hflip_p=0"]],
+    ids=["ssd", "none", "hflip_p=0"],
+)
+def test_augmentation_configs_have_their_effect(compose_cfg, shapes_overrides, overrides: list[str]) -> None:
+    cfg = compose_cfg(*shapes_overrides, "model.image_size=64", "dataset.num_workers=0", *overrides)
+    transform = instantiate_datamodule(cfg).build_dataset("train").transform  # what training applies
+    transform.reseed(0)
+    # A 64x48 image whose pixels hold their coordinates, a box on the left (label 1) and one on the right (2).
+    ys, xs = np.mgrid[0:48, 0:64]
+    image = np.stack([4 * xs, 5 * ys, np.full_like(xs, 100)], axis=-1).astype(np.uint8)
+    target = {
+        "boxes": np.array([[2, 10, 20, 40], [44, 6, 62, 30]], np.float32),
+        "labels": np.array([1, 2]),
+        "difficult": np.zeros(2, bool),
+        "image_id": 0,
+        "orig_size": np.array([48, 64]),
+    }
+    resized = target["boxes"] / [64, 48, 64, 48]
+    unchanged = flipped = moved = 0
+    for _ in range(60):
+        pixels, out = transform(image, target)
+        boxes = dict(zip(out["labels"].tolist(), out["boxes"].numpy(), strict=True))
+        as_given = sorted(boxes) == [1, 2] and np.allclose([boxes[1], boxes[2]], resized, atol=1e-5)
+        difference = pixels.permute(1, 2, 0).numpy().astype(int) - cv2.resize(image, (64, 64))
+        unchanged += as_given and np.abs(difference).mean() < 1
+        flipped += sorted(boxes) == [1, 2] and boxes[1][0] > boxes[2][0]  # left and right objects swapped
+        mirrored = resized[:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [1, 0, 1, 0]
+        moved += not as_given and not (
+            sorted(boxes) == [1, 2] and np.allclose([boxes[1], boxes[2]], mirrored)
+        )
+    if overrides == ["dataset/augmentation=none"]:  # every draw: the image resized, nothing else
+        assert unchanged == 60
+    else:  # zoom-out and crops move the objects; the flip swaps left and right unless hflip_p=0
+        assert moved > 20 and unchanged < 20
+        assert flipped == 0 if overrides else flipped > 5
 
 
 def test_collate_stacks_images_and_lists_targets() -> None:

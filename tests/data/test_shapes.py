@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import ssd_lightning.data.shapes as shapes
 from ssd_lightning.data import SHAPE_CLASSES, VOCDetection
 from ssd_lightning.data.shapes import (
     MANIFEST,
@@ -45,13 +46,51 @@ def test_scenes_cover_classes_scales_borders_overlaps_and_empty_images() -> None
     assert min(aspects) < 0.5 and max(aspects) > 2  # elongated both ways
 
 
-def test_objects_are_visible_where_their_boxes_say() -> None:
-    rng = np.random.default_rng(3)
-    image, objects = render_scene(160, 120, rng)
-    assert objects
-    for _, box in objects:
-        x0, y0, x1, y1 = np.round(box).astype(int)
-        assert image[y0:y1, x0:x1].std() > 5  # not a blank patch
+def test_objects_are_visible_where_their_boxes_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The generator's own record of each object: the pixels its _paint call changed, in painting order,
+    # which is the order render_scene returns the objects in.
+    painted: list[np.ndarray] = []
+    paint = shapes._paint
+
+    def recording_paint(image: np.ndarray, outline: np.ndarray, rng: np.random.Generator) -> None:
+        before = image.copy()
+        paint(image, outline, rng)
+        painted.append(np.abs(image - before).sum(axis=-1) > 3)
+
+    monkeypatch.setattr(shapes, "_paint", recording_paint)
+    width, height, contrasts, tight = 160, 120, [], 0
+    for index in range(30):
+        painted.clear()
+        image, objects = render_scene(width, height, np.random.default_rng([3, index]))
+        assert len(painted) == len(objects)
+        pixels = image.astype(np.float64)
+        for number, ((_, box), mask) in enumerate(zip(objects, painted, strict=True)):
+            assert mask.any(), f"scene {index}: object {number} painted nothing"
+            ys, xs = np.nonzero(mask)
+            extent = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+            # Where the shape was painted is inside its box (up to the anti-aliased edge and outline) ...
+            inside = (extent[:2] >= box[:2] - 2).all() and (extent[2:] <= box[2:] + 2).all()
+            assert inside, f"scene {index}, object {number}: painted at {extent}, box {box}"
+            # ... and fills it: tight on every side unless the border cuts the shape (then the box is the
+            # clipped box of the whole shape).
+            if (box[:2] > 0).all() and box[2] < width and box[3] < height:
+                np.testing.assert_allclose(extent, box, atol=2, err_msg=f"scene {index}, object {number}")
+                tight += 1
+            # In the final image (noise, blur, objects painted later on top), the shape's visible pixels
+            # stand out from a 3-pixel ring just outside its box.
+            visible = mask & ~np.any(painted[number + 1 :], axis=0) if number + 1 < len(painted) else mask
+            x0, y0 = np.floor(box[:2]).astype(int)
+            x1, y1 = np.ceil(box[2:]).astype(int)
+            ring = np.zeros_like(mask)
+            ring[max(y0 - 3, 0) : y1 + 3, max(x0 - 3, 0) : x1 + 3] = True
+            ring[y0:y1, x0:x1] = False
+            assert visible.any() and ring.any()
+            colour, surroundings = np.median(pixels[visible], axis=0), np.median(pixels[ring], axis=0)
+            contrasts.append(np.abs(colour - surroundings).sum())
+    contrasts = np.array(contrasts)
+    assert len(contrasts) > 60 and tight > 30
+    # The fill colour is drawn to differ from what it covers (L1 > 150 before shading and noise).
+    assert (contrasts > 60).mean() >= 0.95 and contrasts.min() > 10, np.sort(contrasts)[:5]
 
 
 def test_generation_is_deterministic_and_loads_as_voc(tmp_path: Path) -> None:
@@ -102,10 +141,24 @@ def test_processes_starting_together_share_one_cache(tmp_path: Path) -> None:
 
 
 def test_default_root_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SSD_DATA_CACHE", str(tmp_path))
-    assert default_shapes_root() == tmp_path / "shapes"
+    # $SSD_DATA_CACHE/shapes wins, even in a source checkout (this one).
+    monkeypatch.setenv("SSD_DATA_CACHE", str(tmp_path / "cache"))
+    assert default_shapes_root() == tmp_path / "cache" / "shapes"
     monkeypatch.delenv("SSD_DATA_CACHE")
-    assert default_shapes_root().name == "shapes"
+    # A source checkout: data_cache/shapes beside pyproject.toml, here and in another checkout.
+    assert default_shapes_root() == Path(__file__).resolve().parents[2] / "data_cache" / "shapes"
+    checkout = tmp_path / "checkout"
+    (checkout / "ssd_lightning" / "data").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("[project]\n")
+    monkeypatch.setattr(shapes, "__file__", str(checkout / "ssd_lightning" / "data" / "shapes.py"))
+    assert default_shapes_root() == checkout / "data_cache" / "shapes"
+    # Installed (no pyproject.toml above the package): the user's cache folder.
+    installed = tmp_path / "site-packages" / "ssd_lightning" / "data" / "shapes.py"
+    monkeypatch.setattr(shapes, "__file__", str(installed))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_shapes_root() == tmp_path / "home" / ".cache" / "ssd_lightning" / "shapes"
+    monkeypatch.setenv("SSD_DATA_CACHE", str(tmp_path / "cache"))
+    assert default_shapes_root() == tmp_path / "cache" / "shapes"
 
 
 def test_invalid_settings_are_rejected(tmp_path: Path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import albumentations as A
 import cv2
 import numpy as np
@@ -10,8 +13,10 @@ import torch
 from albumentations.pytorch import ToTensorV2
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from inputs import IN_CI
 
 from ssd_lightning.data.transforms import (
+    SSD_MIN_IOUS,
     DetectionTransform,
     Expand,
     ExpandIoUCropResize,
@@ -90,18 +95,24 @@ def test_fused_geometry_equals_expand_then_crop_then_resize(scene) -> None:
     params = fused.get_params_dependent_on_data({"shape": shape}, {"bboxes": rows})
     canvas, window = params["canvas"], params["window"]
 
-    expanded = expand.apply(image, canvas)
-    cropped = crop.apply(expanded, window)
-    reference = cv2.resize(cropped, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
+    # The three steps written out here, not with the library's Expand/IoUCrop/boxes_into_window.
+    canvas_h, canvas_w, top, left = canvas
+    x0, y0, x1, y1 = window
+    assert 0 <= top <= canvas_h - height and 0 <= left <= canvas_w - width
+    assert 0 <= x0 < x1 <= canvas_w and 0 <= y0 < y1 <= canvas_h
+    expanded = np.empty((canvas_h, canvas_w, 3), np.uint8)
+    expanded[...] = np.round(MEAN)
+    expanded[top : top + height, left : left + width] = image
+    reference = cv2.resize(expanded[y0:y1, x0:x1], (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
     fast = fused.apply(image, **params)
     assert fast.shape == reference.shape and fast.dtype == np.uint8
     # same pixels up to interpolation rounding (OpenCV's warp works in 1/32 pixel steps)
     assert np.abs(fast.astype(int) - reference.astype(int)).mean() < 1.5
 
-    reference_rows = crop.apply_to_bboxes(
-        expand.apply_to_bboxes(rows, canvas, shape=shape), window, shape=expanded.shape
-    )
-    np.testing.assert_allclose(fused.apply_to_bboxes(rows, **params, shape=shape), reference_rows, atol=1e-9)
+    kept, expected = crop_boxes(target["boxes"] + [left, top, left, top], window)
+    out_rows = fused.apply_to_bboxes(rows, **params, shape=shape)
+    assert out_rows[:, 4].tolist() == target["labels"][kept].tolist()  # centre rule, labels follow
+    np.testing.assert_allclose(out_rows[:, :4], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -150,6 +161,147 @@ def test_iou_crop_window_obeys_the_ssd_constraints(scene, min_iou: float) -> Non
         inter = inter_w * inter_h
         union = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) + (x1 - x0) * (y1 - y0) - inter
         assert (inside & (inter / union >= min_iou - 1e-6)).any()
+
+
+# The SSD crop rule, stated here in numpy (the paper, section 2.2, as ssd.pytorch and Caffe implement it):
+# a trial patch has each side a uniform 0.3..1 fraction of the image side and height/width in [0.5, 2];
+# it is accepted for min IoU t when some object whose centre lies inside it overlaps it with IoU >= t.
+# Each numeric mode keeps its first accepted patch out of 50 trials; the result is drawn uniformly among
+# the modes that found one and "the whole image", which is always a choice.
+CROP_SCENE = np.array(  # xyxy pixels of a 200x150 image; centres are never on a whole pixel
+    [
+        [20.25, 30.25, 90.75, 120.75],
+        [110.5, 10.5, 190.25, 60.25],
+        [60.25, 70.5, 170.75, 145.25],
+        [15.25, 12.5, 185.75, 139.25],
+    ]
+)
+CROP_HEIGHT, CROP_WIDTH = 150, 200
+
+
+def centres_inside(boxes: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """[W, N]: is the centre of box n strictly inside window w."""
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    x0, y0, x1, y1 = (windows[:, k, None] for k in range(4))
+    return (cx > x0) & (cx < x1) & (cy > y0) & (cy < y1)
+
+
+def overlaps(boxes: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """[W, N]: IoU of window w and box n."""
+    width = np.minimum(windows[:, None, 2], boxes[:, 2]) - np.maximum(windows[:, None, 0], boxes[:, 0])
+    height = np.minimum(windows[:, None, 3], boxes[:, 3]) - np.maximum(windows[:, None, 1], boxes[:, 1])
+    inter = np.clip(width, 0, None) * np.clip(height, 0, None)
+    window_area = (windows[:, 2] - windows[:, 0]) * (windows[:, 3] - windows[:, 1])
+    box_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / (window_area[:, None] + box_area - inter)
+
+
+def accepted(boxes: np.ndarray, windows: np.ndarray, min_iou: float) -> np.ndarray:
+    """[W]: does patch w meet the rule for min IoU `min_iou` (any patch of an image without objects)."""
+    ratio = (windows[:, 3] - windows[:, 1]) / (windows[:, 2] - windows[:, 0])
+    good = (centres_inside(boxes, windows) & (overlaps(boxes, windows) >= min_iou)).any(axis=1)
+    return (ratio >= 0.5) & (ratio <= 2.0) & (good if len(boxes) else True)
+
+
+@functools.lru_cache
+def chance_a_mode_finds_a_patch(min_iou: float, with_objects: bool = True) -> float:
+    """P(one of 50 trials is accepted) on CROP_SCENE (or the same image without objects), the trial
+    acceptance rate estimated by simulating the rule."""
+    rng = np.random.default_rng(0)
+    sides = rng.uniform(0.3, 1.0, (50_000, 2)) * [CROP_WIDTH, CROP_HEIGHT]
+    corners = rng.uniform(0.0, 1.0, (50_000, 2)) * ([CROP_WIDTH, CROP_HEIGHT] - sides)
+    boxes = CROP_SCENE if with_objects else np.zeros((0, 4))
+    rate = accepted(boxes, np.concatenate([corners, corners + sides], axis=1), min_iou).mean()
+    return float(1 - (1 - rate) ** 50)
+
+
+def chance_of_the_whole_image(found: list[float]) -> float:
+    """P(the whole image is drawn) when numeric mode k finds a patch with probability found[k]."""
+    total = 0.0
+    for outcome in itertools.product([False, True], repeat=len(found)):
+        chance = np.prod([f if hit else 1 - f for f, hit in zip(found, outcome, strict=True)])
+        total += chance / (1 + sum(outcome))
+    return total
+
+
+def crop_boxes(boxes: np.ndarray, window: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The boxes kept by a crop to `window` (centre inside) and their xyxy in [0, 1] of the window."""
+    x0, y0, x1, y1 = window
+    kept = centres_inside(boxes, np.array([window], np.float64))[0]
+    clipped = np.clip(boxes[kept], [x0, y0, x0, y0], [x1, y1, x1, y1]) - [x0, y0, x0, y0]
+    return kept, clipped / [x1 - x0, y1 - y0, x1 - x0, y1 - y0]
+
+
+@pytest.mark.parametrize("min_iou", [0.0, 0.1, 0.3, 0.5, 0.7, 0.9])
+def test_each_crop_mode_samples_windows_by_the_ssd_rule(min_iou: float) -> None:
+    crop = IoUCrop(min_ious=[min_iou])
+    rng = np.random.default_rng(int(min_iou * 10))
+    draws = [crop.sample_window(CROP_SCENE, CROP_HEIGHT, CROP_WIDTH, rng) for _ in range(400)]
+    windows = np.array([w for w in draws if w is not None], np.float64).reshape(-1, 4)
+    # A mode crops as often as the rule says it finds a patch (0.2 for 0.9 here, 1 for the others) ...
+    found = chance_a_mode_finds_a_patch(min_iou)
+    assert len(windows) / len(draws) == pytest.approx(found, abs=0.06)
+    # ... and every window it returns meets the rule: inside the image, sides >= 0.3 of the image's,
+    # aspect in [0.5, 2], some object with its centre inside at IoU >= min_iou.
+    assert (windows[:, :2] >= 0).all() and (windows[:, 2:] <= [CROP_WIDTH, CROP_HEIGHT]).all()
+    sides = windows[:, 2:] - windows[:, :2]
+    assert (sides >= np.floor(0.3 * np.array([CROP_WIDTH, CROP_HEIGHT]))).all()
+    assert accepted(CROP_SCENE, windows, min_iou).all()
+
+
+def _default_train_geometry() -> tuple[DetectionTransform, ExpandIoUCropResize]:
+    """The training transform with the default crop modes (None, 0.0 .. 0.9) and no other augmentation."""
+    transform = build_train_transform(
+        SIZE, MEAN, STD, photometric=False, expand_p=0.0, hflip_p=0.0, normalize=False
+    )
+    transform.reseed(0)
+    return transform, transform.pipeline.transforms[0]
+
+
+@pytest.mark.parametrize("with_objects", [True, False])
+def test_default_crop_modes_keep_the_whole_image_as_often_as_the_rule_says(with_objects: bool) -> None:
+    _, geometry = _default_train_geometry()
+    boxes = CROP_SCENE if with_objects else np.zeros((0, 4))
+    rng = np.random.default_rng(1)
+    draws = 1000
+    whole = sum(
+        geometry.crop.sample_window(boxes, CROP_HEIGHT, CROP_WIDTH, rng) is None for _ in range(draws)
+    )
+    # Without objects every mode finds a patch: the whole image 1 time in 7. With these objects the 0.9
+    # mode finds one only 1 time in 5, and the whole image is then 1 choice in 6.
+    found = [chance_a_mode_finds_a_patch(t, with_objects) for t in SSD_MIN_IOUS[1:]]
+    expected = chance_of_the_whole_image(found)
+    assert expected == (pytest.approx(0.162, abs=0.005) if with_objects else pytest.approx(1 / 7))
+    assert whole / draws == pytest.approx(expected, abs=0.035)
+
+
+def test_train_transform_crops_by_the_ssd_rule() -> None:
+    # Pixels that hold their own coordinates (red = x, green = y), so a wrong crop shows.
+    ys, xs = np.mgrid[0:CROP_HEIGHT, 0:CROP_WIDTH]
+    image = np.stack([xs, ys, np.full_like(xs, 90)], axis=-1).astype(np.uint8)
+    target = {
+        "boxes": CROP_SCENE.astype(np.float32),
+        "labels": np.arange(1, len(CROP_SCENE) + 1),
+        "difficult": np.zeros(len(CROP_SCENE), bool),
+        "image_id": 0,
+        "orig_size": [CROP_HEIGHT, CROP_WIDTH],
+    }
+    transform, geometry = _default_train_geometry()
+    crops = 0
+    for _ in range(120):
+        tensor, out = transform(image, target)
+        window = geometry.params["window"]  # what the step says it did ...
+        x0, y0, x1, y1 = window
+        crops += window != (0, 0, CROP_WIDTH, CROP_HEIGHT)
+        # ... is what the pixels show: the window's pixels resized to the output
+        expected = cv2.resize(image[y0:y1, x0:x1], (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
+        assert np.abs(tensor.permute(1, 2, 0).numpy().astype(int) - expected).mean() < 0.5, window
+        # the objects whose centre is inside stay (clipped, renormalised), the others go
+        kept, boxes = crop_boxes(CROP_SCENE, window)
+        assert out["labels"].tolist() == target["labels"][kept].tolist(), window
+        np.testing.assert_allclose(out["boxes"].numpy(), boxes, atol=1e-5)
+        assert accepted(CROP_SCENE, np.array([window], np.float64), 0.0).all()  # any mode's rule
+    assert 90 < crops < 110  # 1 - 0.162 of the draws crop
 
 
 def test_iou_crop_none_choice_keeps_the_image_and_trials_can_fail() -> None:
@@ -302,3 +454,11 @@ def test_uint8_output_normalised_by_normalize_images_is_the_float_output() -> No
     assert torch.equal(normalize_images(pixels[None], MEAN, STD)[0], floats)
     with pytest.raises(TypeError, match="uint8"):
         normalize_images(floats, MEAN, STD)
+
+
+def test_hypothesis_is_derandomised_in_ci() -> None:
+    # tests/conftest.py loads the "ci" profile when CI is set (as .ci/run does); the property tests of this
+    # file inherit it.
+    assert settings.get_profile("ci").derandomize
+    for test in (test_train_transform_invariants, test_iou_crop_window_obeys_the_ssd_constraints):
+        assert test._hypothesis_internal_use_settings.derandomize is IN_CI

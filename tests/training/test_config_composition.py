@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
 from training_helpers import CONF_DIR, compose_config
 
@@ -174,10 +175,45 @@ def test_optimizer_and_scheduler_groups(optimizer: str, scheduler: str, tmp_path
     assert opt.param_groups[0]["lr"] < 1e-4  # decayed by the end of the run
 
 
-@pytest.mark.parametrize("debug", ["fast_dev_run", "limit", "overfit"])
+#: What each `debug=` option sets (conf/debug/*.yaml), written out here: nothing more, nothing less.
+DEBUG_SETTINGS = {
+    "fast_dev_run": {"trainer.fast_dev_run": True, "test": False},
+    "limit": {
+        "trainer.max_epochs": 2,
+        "trainer.limit_train_batches": 5,
+        "trainer.limit_val_batches": 2,
+        "trainer.limit_test_batches": 2,
+        "trainer.check_val_every_n_epoch": 1,
+    },
+    "overfit": {
+        "trainer.overfit_batches": 2,
+        "trainer.max_epochs": 150,
+        "trainer.check_val_every_n_epoch": 25,
+        "test": False,
+    },
+}
+
+
+def _flat(node: object, prefix: str = "") -> dict[str, object]:
+    """{"a.b": leaf} of a nested config container."""
+    if not isinstance(node, dict) or not node:
+        return {prefix: node}
+    flat: dict[str, object] = {}
+    for key, value in node.items():
+        flat.update(_flat(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+@pytest.mark.parametrize("debug", sorted(DEBUG_SETTINGS))
 def test_debug_configs_compose(debug: str, tmp_path: Path) -> None:
-    cfg = compose_config("train", [f"debug={debug}"], tmp_path)
-    assert any(k in cfg.trainer for k in ("fast_dev_run", "limit_train_batches", "overfit_batches"))
+    plain = _flat(OmegaConf.to_container(compose_config("train", [], tmp_path)))
+    cfg = _flat(OmegaConf.to_container(compose_config("train", [f"debug={debug}"], tmp_path)))
+    expected = DEBUG_SETTINGS[debug]
+    assert {key: cfg[key] for key in expected} == expected
+    # Without debug= none of them holds (the trainer config has every key, so presence proves nothing) ...
+    assert not {key for key, value in expected.items() if plain[key] == value}
+    # ... and the option changes nothing else.
+    assert {key for key in cfg.keys() | plain.keys() if cfg.get(key) != plain.get(key)} == set(expected)
 
 
 def test_optuna_search_composes() -> None:

@@ -75,20 +75,6 @@ def trainer(**kwargs) -> pl.Trainer:
     return pl.Trainer(**options)
 
 
-def perfect_detector(module: SSDLitModule, batches: list) -> None:
-    """Make `net.detect` return the ground truth of each batch in turn (with score 1)."""
-    truths = iter([t for _, targets in batches for t in targets])
-
-    def detect(loc, conf):
-        out = []
-        for _ in range(loc.shape[0]):
-            t = next(truths)
-            out.append({"boxes": t["boxes"], "scores": torch.ones(len(t["boxes"])), "labels": t["labels"]})
-        return out
-
-    module.net.detect = detect
-
-
 def test_fit_logs_losses_learning_rate_and_metrics() -> None:
     module = make_module()
     fit = trainer(max_steps=4, log_every_n_steps=1)
@@ -112,16 +98,45 @@ def test_fit_logs_losses_learning_rate_and_metrics() -> None:
     assert fit.global_step == 4
 
 
+def _shifted(box: list[float], iou: float) -> list[float]:
+    """`box` moved right by the fraction of its width that leaves IoU `iou` with it: (1 - f) / (1 + f)."""
+    shift = (1 - iou) / (1 + iou) * (box[2] - box[0])
+    return [box[0] + shift, box[1], box[2] + shift, box[3]]
+
+
 def test_validation_scores_detections_in_original_pixels() -> None:
-    module = make_module()
-    perfect_detector(module, list(loader()))  # the loader does not shuffle: same batches again below
-    (result,) = trainer().validate(module, loader(), verbose=False)
-    assert result["val/map_voc07"] == pytest.approx(1.0)
-    assert result["val/map"] == pytest.approx(1.0)  # COCO's IoU 0.5:0.95 needs the boxes exact
-    assert module.last_evaluation.per_class_ap_voc07 == {
-        "cat": pytest.approx(1.0),
-        "bird": pytest.approx(1.0),
+    # A wide 400x150 image: in its pixels the cat is large (200x120), the dog medium (80x60) and the bird
+    # small (20x22.5) in COCO's area ranges; at the 64-pixel network input or in [0, 1] units they are not.
+    truth = torch.tensor([[0.1, 0.1, 0.6, 0.9], [0.65, 0.2, 0.85, 0.6], [0.9, 0.7, 0.95, 0.85]])
+    target = {
+        "boxes": truth,
+        "labels": torch.tensor([1, 2, 3]),
+        "difficult": torch.zeros(3, dtype=torch.bool),
+        "image_id": 0,
+        "orig_size": torch.tensor([150, 400]),
     }
+    # Detections off by a known IoU: cat 0.72 (COCO AP 0.5: thresholds 0.5..0.7 of 0.5..0.95), dog exact
+    # (1.0), bird 0.92 (0.9). Scaled to pixels on one side only, or with the wrong size, they miss.
+    found = torch.tensor(
+        [_shifted(truth[0].tolist(), 0.72), truth[1].tolist(), _shifted(truth[2].tolist(), 0.92)]
+    )
+    module = make_module()
+    module.net.detect = lambda loc, conf: [
+        {"boxes": found, "scores": torch.ones(3), "labels": target["labels"]}
+    ]
+    batches = DataLoader([(torch.randn(3, SIZE, SIZE), target)], batch_size=1, collate_fn=collate_detection)
+    (result,) = trainer().validate(module, batches, verbose=False)
+    expected = {
+        "map_voc07": 1.0,
+        "map_50": 1.0,
+        "map_75": 2 / 3,
+        "map": (0.5 + 1.0 + 0.9) / 3,
+        "map_large": 0.5,
+        "map_medium": 1.0,
+        "map_small": 0.9,
+    }
+    assert {k: result[f"val/{k}"] for k in expected} == pytest.approx(expected, abs=1e-4)
+    assert module.last_evaluation.per_class_ap_voc07 == pytest.approx({"cat": 1.0, "dog": 1.0, "bird": 1.0})
 
 
 def test_missing_a_difficult_object_costs_nothing() -> None:
@@ -172,13 +187,34 @@ def test_predict_step_gives_pixels_and_class_names() -> None:
     assert first["boxes"].tolist() == [[150.0, 100.0, 300.0, 200.0]]  # orig_size (200, 300)
 
 
+class StepLosses(pl.Callback):
+    """The training loss of every step."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(outputs["loss"]))
+
+
 def test_bf16_mixed_precision_trains_on_cpu() -> None:
-    module = make_module()
-    fit = trainer(max_steps=2, precision="bf16-mixed", limit_val_batches=1)
-    fit.fit(module, loader(), loader())
-    assert torch.isfinite(fit.callback_metrics["train/loss"]) and torch.isfinite(
-        fit.callback_metrics["val/loss"]
-    )
+    # oneDNN's bf16 convolution backward (torch 2.14 on CPU) leaves garbage, up to 1e32 or NaN, in the
+    # weight gradient of kernel taps that only see padding (3x3 convs on the 1x1 maps of every SSD
+    # here); PyTorch's own kernels are right. This test is about our bf16 path, so it runs on those.
+    runs = {}
+    with torch.backends.mkldnn.flags(enabled=False):
+        for precision in ("32-true", "bf16-mixed"):
+            torch.manual_seed(0)
+            module, losses = make_module(), StepLosses()
+            batch = loader(2)  # the same two images every step (one step per epoch), validated after 4
+            fit = trainer(max_steps=4, precision=precision, check_val_every_n_epoch=4, callbacks=[losses])
+            fit.fit(module, batch, batch)
+            runs[precision] = losses.values, float(fit.callback_metrics["val/loss"])
+    (bf16, bf16_val), (fp32, fp32_val) = runs["bf16-mixed"], runs["32-true"]
+    assert len(bf16) == 4 and np.isfinite(bf16).all() and np.isfinite(bf16_val)
+    assert bf16[-1] < 0.8 * bf16[0]  # it learns: 14.8 -> 10.5 in 3 updates here
+    # ... as fp32 does, within bf16's rounding: 3% apart here, 6% allowed
+    assert bf16[-1] == pytest.approx(fp32[-1], rel=0.06) and bf16_val == pytest.approx(fp32_val, rel=0.06)
 
 
 def test_channels_last_gives_the_same_outputs() -> None:

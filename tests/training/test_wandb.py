@@ -91,11 +91,12 @@ def test_wandb_offline_run_folder(fast: list[str], tmp_path: Path, monkeypatch: 
         "callbacks.wandb_images.min_score=0.0",
         "test=false",
     ]
-    train(compose_config("train", args, tmp_path / "first"))
+    composed = compose_config("train", [*args, "optimizer.lr=0.0042"], tmp_path / "first")
+    train(composed)
     (run_dir,) = (tmp_path / "first" / "wandb").glob("offline-run-*")
     config, history = run_contents(run_dir)
-    # The fully resolved Hydra config, logged once.
-    assert config["model"]["name"] == "compact" and config["optimizer"]["lr"] == 1e-3
+    # The fully resolved Hydra config, logged once, overrides included.
+    assert config["model"]["name"] == "compact" and config["optimizer"]["lr"] == 0.0042
     assert config["paths"]["output_dir"] == str(tmp_path / "first")
     assert {"train/loss", "train/loss_loc", "train/lr", "val/map", "val/map_voc07", "val/examples"} <= history
     # The panel: images with two box layers (predictions and ground truth).

@@ -66,7 +66,7 @@ def _load() -> list[float]:
 
 
 def _run_dir(clone: Path) -> Path:
-    runs = sorted((clone / "outputs" / "train" / "runs").glob("*"))
+    runs = sorted((clone / "outputs" / "train" / "runs").glob("*/*"))  # runs/<run_name>/<time>
     if len(runs) != 1:
         raise RuntimeError(f"expected one run folder under {clone}/outputs/train/runs, found {runs}")
     return runs[0]

@@ -20,7 +20,7 @@ from ssd_lightning.benchmark.suites import (
     Settings,
     background_margin,
     build_model_pair,
-    compare_detections,
+    detections_agreement,
     fast_path_ladder,
 )
 from ssd_lightning.benchmark.throughput import ThroughputMonitor
@@ -110,13 +110,7 @@ def test_torchvision_network_does_our_work():
 
         pair.ours.eval()
         pair.reference.model.eval()
-        conf[..., 0] += background_margin(conf, 300, DETECTION.score_threshold, DETECTION.pre_nms_top_k)
-        # Default boxes only need the feature-map sizes.
-        feature_maps = [torch.zeros(1, 1, size, size) for size in pair.ours.prior_spec.feature_maps]
-        anchors = pair.reference.default_boxes(images, feature_maps)
-        agreement = compare_detections(
-            pair.ours.detect(loc, conf), pair.reference.detections(loc, conf, anchors, 300), 300
-        )
+        agreement = detections_agreement(pair, images, loc, conf)
     assert agreement["images_with_same_detection_count"] == 1
     assert agreement["detections_per_image_ours"] > 0
     assert agreement["max_box_difference_px"] < 1e-2

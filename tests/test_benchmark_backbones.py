@@ -8,12 +8,10 @@ import torch
 
 from ssd_lightning.benchmark import cli
 from ssd_lightning.benchmark.suites import (
-    DETECTION,
     FastPath,
     Settings,
-    background_margin,
     build_model_pair,
-    compare_detections,
+    detections_agreement,
 )
 from ssd_lightning.benchmark.workloads import random_targets, to_pixels
 from ssd_lightning.loss import MultiBoxLoss
@@ -42,12 +40,7 @@ def test_torchvision_ssdlite_does_our_work():
         loc, conf = pair.ours(images)
         # Calibrated BatchNorm statistics: the eval-mode scores differ from prior to prior.
         assert conf.std(dim=1).min() > 1e-3
-        conf[..., 0] += background_margin(conf, 300, DETECTION.score_threshold, DETECTION.pre_nms_top_k)
-        feature_maps = [torch.zeros(1, 1, size, size) for size in pair.ours.prior_spec.feature_maps]
-        anchors = pair.reference.default_boxes(images, feature_maps)
-        agreement = compare_detections(
-            pair.ours.detect(loc, conf), pair.reference.detections(loc, conf, anchors, 320), 320
-        )
+        agreement = detections_agreement(pair, images, loc, conf)
     assert agreement["images_with_same_detection_count"] == 2
     assert agreement["detections_per_image_ours"] > 0
     assert agreement["max_box_difference_px"] < 1e-2

@@ -70,6 +70,7 @@ def _settings(args: argparse.Namespace, device: torch.device, benchmark: str) ->
         number=number if args.number is None else args.number,
         seed=args.seed,
         num_classes=args.num_classes,
+        compact_width=args.width,
     )
 
 
@@ -231,6 +232,7 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--number", type=int, help="calls per timed sample")
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--num-classes", type=int, default=21, help="classes including background (VOC: 21)")
+    common.add_argument("--width", type=int, default=16, help="compact arch: first-layer channels")
     common.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where the JSON goes")
     common.add_argument("--no-save", action="store_true", help="print the table only, write no JSON")
     common.add_argument("--note", default="", help="free text stored with the results (e.g. machine busy)")

@@ -50,6 +50,7 @@ class Settings:
     number: int = 1
     seed: int = 0
     num_classes: int = 21
+    compact_width: int = 16  # the compact arch's first-layer channels (model=compact's)
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
@@ -275,6 +276,22 @@ def compare_detections(
     }
 
 
+def detections_agreement(pair: ModelPair, images: Tensor, loc: Tensor, conf: Tensor) -> dict[str, Any]:
+    """Both sides' detections from the same eval-mode predictions, compared by :func:`compare_detections`.
+
+    The background logit is shifted to leave about 300 NMS candidates per image, as a trained network's would.
+    """
+    if pair.reference is None:
+        raise ValueError("detections_agreement needs a reference model (torchvision)")
+    size = images.shape[-1]
+    conf = conf.clone()
+    conf[..., 0] += background_margin(conf, 300, DETECTION.score_threshold, DETECTION.pre_nms_top_k)
+    feature_maps = [torch.zeros(1, 1, s, s) for s in pair.ours.prior_spec.feature_maps]  # only sizes read
+    anchors = pair.reference.default_boxes(images, feature_maps)
+    theirs = pair.reference.detections(loc, conf, anchors, size)
+    return compare_detections(pair.ours.detect(loc, conf), theirs, size)
+
+
 def postprocess_benchmark(
     settings: Settings, batch: int = 32, size: int = 300, scores: str = "peaked"
 ) -> Result:
@@ -350,7 +367,7 @@ def build_model_pair(settings: Settings, size: int, fast: FastPath, arch: str = 
         ours = build_ssd(size, settings.num_classes, prior_spec=spec)
     else:
         # SSDLite's default priors are torchvision's default boxes; resnet50 gets NVIDIA's (COCO sizes).
-        ours = build_ssd(size, settings.num_classes, arch=arch)
+        ours = build_ssd(size, settings.num_classes, arch=arch, width=settings.compact_width)
     if arch == "mobilenet_v3_large":
         calibration = torch.randn(2, 3, size, size, generator=settings.generator())
         calibrate_batch_norm(reference.network if reference is not None else ours, calibration)
@@ -483,6 +500,7 @@ def train_step_benchmark(
         benchmark="train-step",
         config={
             "arch": arch,
+            **({"width": settings.compact_width} if arch == "compact" else {}),
             "size": size,
             "batch": batch,
             "num_classes": settings.num_classes,
@@ -595,6 +613,7 @@ def inference_benchmark(
         targets.append(Target("<= 4 ms incl. NMS (H100)", "max_latency_ms", 4.0, applies=_on_h100(device)))
     config = {
         "arch": arch,
+        **({"width": settings.compact_width} if arch == "compact" else {}),
         "size": size,
         "batch": batch,
         "num_classes": num_classes,

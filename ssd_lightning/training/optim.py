@@ -123,6 +123,8 @@ def warmup_cosine(
         )
     total = int(total_steps)
     warmup_count = resolve_steps(warmup_steps, total, "scheduler.warmup_steps")
+    if not float(warmup_steps).is_integer():  # a fraction never takes the whole run (fast_dev_run: 1 step)
+        warmup_count = min(warmup_count, total - 1)
     if warmup_count >= total:
         raise ValueError(
             f"scheduler.warmup_steps ({warmup_count}) must be shorter than the run ({total} steps)"

@@ -164,8 +164,13 @@ def test_config_mistakes_fail_on_construction(
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["dataset/augmentation=none"], ["dataset.augmentation.hflip_p=0"]],
-    ids=["ssd", "none", "hflip_p=0"],
+    [
+        ["dataset/augmentation=ssd"],
+        ["dataset/augmentation=none"],
+        ["dataset/augmentation=ssd", "dataset.augmentation.hflip_p=0"],
+        [],  # the built-in data's own: light
+    ],
+    ids=["ssd", "none", "hflip_p=0", "light"],
 )
 def test_augmentation_configs_have_their_effect(compose_cfg, shapes_overrides, overrides: list[str]) -> None:
     cfg = compose_cfg(*shapes_overrides, "model.image_size=64", "dataset.num_workers=0", *overrides)
@@ -196,9 +201,11 @@ def test_augmentation_configs_have_their_effect(compose_cfg, shapes_overrides, o
         )
     if overrides == ["dataset/augmentation=none"]:  # every draw: the image resized, nothing else
         assert unchanged == 60
+    elif not overrides:  # light: whole images, flipped or not, colours distorted in some draws
+        assert moved == 0 and flipped > 5 and unchanged < 50
     else:  # zoom-out and crops move the objects; the flip swaps left and right unless hflip_p=0
         assert moved > 20 and unchanged < 20
-        assert flipped == 0 if overrides else flipped > 5
+        assert flipped == 0 if len(overrides) == 2 else flipped > 5
 
 
 def test_collate_stacks_images_and_lists_targets() -> None:

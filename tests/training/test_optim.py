@@ -73,3 +73,10 @@ def test_cosine_rejects_a_warmup_longer_than_the_run() -> None:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="shorter than the run"):
         warmup_cosine(optimizer, 10, warmup_steps=10)
+
+
+def test_a_cosine_warmup_fraction_leaves_a_one_step_run_without_warmup() -> None:
+    # fast_dev_run: a run of 1 step with warmup_steps=0.05 (round: 1 step) trains at the full lr.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    warmup_cosine(optimizer, 1, warmup_steps=0.05, warmup_start_factor=0.25)
+    assert optimizer.param_groups[0]["lr"] == 1.0

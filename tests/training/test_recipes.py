@@ -238,9 +238,10 @@ def test_a_held_out_validation_split_is_disjoint_from_training(coco128_root: Pat
 
 def test_modules_build_with_the_resolved_global_batch(shapes_root: Path, tmp_path: Path) -> None:
     cfg = compose_config(
-        "train", [f"dataset.root={shapes_root}", "scale_lr=true", "dataset.batch_size=8"], tmp_path
+        "train", [f"dataset.root={shapes_root}", "scale_lr=true", "dataset.batch_size=16"], tmp_path
     )
+    assert cfg.optimizer.base_batch_size == 16
     data = instantiate_datamodule(cfg)
-    data.resolve_batch_size(2)  # 8 per device on 2 devices: 16, twice the batch AdamW's lr is for
+    data.resolve_batch_size(2)  # 16 per device on 2 devices: 32, twice the batch the compact lr is for
     module = build_module(cfg, data, data.resolved_global_batch_size)
     assert module.optimizer_factory.keywords["lr"] == pytest.approx(2 * cfg.optimizer.lr)

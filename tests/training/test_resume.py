@@ -38,6 +38,9 @@ def test_sigkill_mid_epoch_then_resume(fast: list[str], tmp_path: Path) -> None:
         "callbacks.last_checkpoint.every_n_train_steps=2",
         "test=false",
         "logger=csv",
+        "optimizer.lr=0.004",
+        "scheduler=cosine",
+        "scheduler.min_lr_factor=0.01",
     ]
     first = tmp_path / "first"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
@@ -76,8 +79,8 @@ def test_sigkill_mid_epoch_then_resume(fast: list[str], tmp_path: Path) -> None:
 
     final = torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)
     assert final["global_step"] == EPOCHS * STEPS_PER_EPOCH and final["epoch"] == EPOCHS
-    # The schedule continued where it was: both milestones (0.67, 0.83 of the run) are behind it.
-    assert final["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(1e-3 * 0.01)
+    # The schedule continued where it was: the cosine reached its end (a restarted one would be midway).
+    assert final["lr_schedulers"][0]["_last_lr"][0] == pytest.approx(0.004 * 0.01)
     # The resumed process started at the killed step, it did not train from scratch.
     with open(second / "csv" / "version_0" / "metrics.csv") as stream:
         logged_steps = [int(row["step"]) for row in csv.DictReader(stream) if row.get("train/loss")]

@@ -69,7 +69,7 @@ def initialise_weights(cfg: DictConfig, module: SSDLitModule) -> None:
         if arch in PRETRAINED_ARCHS:
             log.warning(
                 "Training %s SSD from scratch (model.backbone_weights=null); the published recipes start "
-                "from ImageNet weights: model.backbone_weights=IMAGENET1K_V1 (VGG16: IMAGENET1K_FEATURES)",
+                "from ImageNet weights: model.backbone_weights=IMAGENET1K_V1 (ResNet-50: IMAGENET1K_V2)",
                 arch,
             )
         log.info("Initial weights: all random (no pretrained weights)")

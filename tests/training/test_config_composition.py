@@ -112,7 +112,7 @@ def test_experiments_are_paper_recipes(experiment: str, coco128_root: Path, tmp_
     assert cfg.optimizer.lr == 1e-3 and cfg.optimizer.momentum == 0.9 and cfg.optimizer.weight_decay == 5e-4
     # The paper's global batch, whatever the number of devices (the per-device batch is derived from it).
     assert cfg.dataset.global_batch_size == 32 and cfg.dataset.batch_size is None
-    assert cfg.model.backbone_weights == "IMAGENET1K_FEATURES"
+    assert cfg.model.backbone_weights == "IMAGENET1K_V1"  # with fc6/fc7, subsampled into conv6/conv7
     if dataset == "voc":
         assert cfg.trainer.max_steps == 120000 and list(cfg.scheduler.milestones) == [80000, 100000]
         assert [list(s) for s in cfg.dataset.train_sets] == [[2007, "trainval"], [2012, "trainval"]]

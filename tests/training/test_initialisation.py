@@ -44,9 +44,9 @@ def normalisation(overrides: list[str], tmp_path: Path) -> tuple[list[float], li
 @pytest.mark.parametrize(
     ("weights", "expected"),
     [
-        ("IMAGENET1K_FEATURES", CAFFE),  # the paper's Caffe VGG16 (what the recipes start from)
+        ("IMAGENET1K_FEATURES", CAFFE),  # ssd.pytorch's Caffe VGG16 features (no fc6/fc7)
         ("VGG16_Weights.IMAGENET1K_FEATURES", CAFFE),
-        ("IMAGENET1K_V1", IMAGENET),  # torchvision's own ImageNet VGG16
+        ("IMAGENET1K_V1", IMAGENET),  # torchvision's own ImageNet VGG16 (what the recipes start from)
         ("null", IMAGENET),  # from scratch
     ],
 )

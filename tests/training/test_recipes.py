@@ -41,7 +41,7 @@ def test_the_card_command_composes_the_papers_ssd300_with_coco_priors(tmp_path: 
         "  global_batch_size: 32",
         "  devices: 4",
         "  precision: auto",
-        "  backbone_weights: IMAGENET1K_FEATURES",
+        "  backbone_weights: IMAGENET1K_V1",  # has the fc6/fc7 the paper subsamples
         "monitor: val/map",
     ):
         assert f"\n{line}\n" in stdout, line

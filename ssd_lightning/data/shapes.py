@@ -197,6 +197,16 @@ def render_scene(
     return np.clip(image, 0, 255).astype(np.uint8), [(kind, box) for kind, _, box in placed]
 
 
+def keyed_scene(
+    key: Sequence[int], min_side: int, max_side: int, max_objects: int
+) -> tuple[np.ndarray, list[tuple[int, np.ndarray]]]:
+    """The scene of rng key `key`: its size drawn in [min_side, max_side], then :func:`render_scene`. The one
+    code path of the cached splits and of the online training scenes."""
+    rng = np.random.default_rng(list(key))
+    width, height = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
+    return render_scene(width, height, rng, max_objects)
+
+
 def _voc_xml(name: str, width: int, height: int, objects: Sequence[tuple[int, np.ndarray]]) -> ET.ElementTree:
     root = ET.Element("annotation")
     ET.SubElement(root, "folder").text = SHAPES_FOLDER
@@ -221,9 +231,9 @@ def _voc_xml(name: str, width: int, height: int, objects: Sequence[tuple[int, np
 def _write_image(folder: Path, params: dict[str, Any], split_code: int, index: int) -> str:
     """Render image `index` of split `split_code` from its own rng key and write its JPEG and XML."""
     split = SPLITS[split_code]
-    rng = np.random.default_rng([params["seed"], split_code, index])
-    width, height = (int(v) for v in rng.integers(params["min_side"], params["max_side"] + 1, 2))
-    image, objects = render_scene(width, height, rng, params["max_objects"])
+    key = (params["seed"], split_code, index)
+    image, objects = keyed_scene(key, params["min_side"], params["max_side"], params["max_objects"])
+    height, width = image.shape[:2]
     name = f"{split}_{index:06d}"
     cv2.imwrite(str(folder / "JPEGImages" / f"{name}.jpg"), image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
     _voc_xml(name, width, height, objects).write(folder / "Annotations" / f"{name}.xml")
@@ -334,13 +344,11 @@ def render_training_scene(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One scene as the cache would hold it: (RGB uint8 image, boxes float32 [N,4] xyxy pixels, kinds [N]).
 
-    Same code path as :func:`_write_dataset` (an rng seeded with ``key`` draws the size, then
-    :func:`render_scene`), and the same JPEG round trip unless ``jpeg_quality`` is None, so a model sees
-    the cache's compression artefacts in training too.
+    Same code path as the cache (:func:`keyed_scene`), and the same JPEG round trip unless
+    ``jpeg_quality`` is None, so a model sees the cache's compression artefacts in training too.
     """
-    rng = np.random.default_rng(list(key))
-    width, height = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
-    image, objects = render_scene(width, height, rng, max_objects)
+    image, objects = keyed_scene(key, min_side, max_side, max_objects)
+    height, width = image.shape[:2]
     if jpeg_quality is not None:
         ok, encoded = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
         if not ok:  # pragma: no cover - OpenCV always encodes a uint8 image

@@ -6,11 +6,14 @@
 - `ssd.run_dir` / `ssd.hydra_subdir`: resuming (`ckpt_path=`) continues the checkpoint's own run folder.
 - `ssd.pixel_mean` / `ssd.pixel_std`: the input normalisation that the initial weights were trained with.
 - `ssd.reduced_tail`: SSDLite's MobileNetV3 tail, the one the initial weights have (torchvision's rule).
+- `ssd.strategy`: `trainer.strategy: auto` written out as what Lightning picks for the devices asked for, so
+  that `--cfg job --resolve` shows `ddp` for `trainer.devices=4`.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from datetime import datetime
 
 from omegaconf import ListConfig, OmegaConf
@@ -94,6 +97,28 @@ def reduced_tail(backbone_weights: str | None, weights: str | None = None, sourc
     return mobilenet_reduced_tail(backbone_weights, weights, source or "ssd_lightning")
 
 
+def _process_count(devices: object) -> int | None:
+    """Processes per node that `trainer.devices` asks for; None where the hardware decides (auto, -1)."""
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:  # "0,1": device indices
+        return len([part for part in text.split(",") if part.strip()])
+    return int(text) if text.isdigit() else None
+
+
+def strategy(devices: object, num_nodes: object, accelerator: object = "auto") -> str:
+    """`ddp` where more than one process is asked for (several devices or nodes), as Lightning's `auto` does
+    outside notebooks; `auto` where Lightning must decide (devices=auto, TPUs, an interactive session)."""
+    interactive = hasattr(sys, "ps1") or bool(sys.flags.interactive)
+    if interactive or str(accelerator) in ("tpu", "xla"):
+        return "auto"
+    processes = _process_count(devices)
+    if int(num_nodes) > 1 or (processes is not None and processes > 1):
+        return "ddp"
+    return "auto"
+
+
 def register() -> None:
     """Register the resolvers (again: replacing is harmless, a test may have cleared them)."""
     OmegaConf.register_new_resolver("ssd.run_stamp", run_stamp, replace=True, use_cache=True)
@@ -103,3 +128,4 @@ def register() -> None:
     OmegaConf.register_new_resolver("ssd.pixel_mean", pixel_mean, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("ssd.pixel_std", pixel_std, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("ssd.reduced_tail", reduced_tail, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("ssd.strategy", strategy, replace=True)

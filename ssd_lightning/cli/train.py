@@ -9,6 +9,7 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
@@ -21,6 +22,7 @@ from ssd_lightning.cli.build import (
     instantiate_loggers,
 )
 from ssd_lightning.cli.preflight import (
+    ConfigurationError,
     check_accelerator,
     check_resume_compatible,
     check_wandb_login,
@@ -111,6 +113,13 @@ def _checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> Path | None:
     return ckpt_path
 
 
+def schedule_name(cfg: DictConfig) -> str:
+    """`schedule=<name>` of the run (conf/schedule/), as the user would write it."""
+    if HydraConfig.initialized():
+        return f"schedule={HydraConfig.get().runtime.choices.get('schedule', '?')}"
+    return "schedule"
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run the training task of `cfg` (composed from conf/train.yaml); returns the final metrics."""
     quiet_other_ranks()
@@ -161,7 +170,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         # Checkpoints hold the training state (optimiser, loops, callbacks), not only tensors.
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        except ValueError as error:
+            if "`val_check_interval`" not in str(error):
+                raise
+            raise ConfigurationError(
+                f"{str(error).strip()} The schedule ({schedule_name(cfg)}) validates every "
+                f"trainer.val_check_interval={cfg.trainer.val_check_interval} steps; for a run counted in "
+                "epochs add schedule=quick (then trainer.max_epochs=N trainer.check_val_every_n_epoch=M)"
+            ) from error
         metrics = _scalars(trainer.callback_metrics)
         metrics.update({f"{BEST_PREFIX}{k}": v for k, v in module.best_validation.items()})
         # Per-class tables need the evaluation in this process (not the case with ddp_spawn).

@@ -6,16 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from training_helpers import FITTED_EPOCHS, FittedRun, shapes_as_voc
-
-# The built-in dataset at a tiny size (generated once per session, away from the user's cache).
-TINY_SHAPES = [
-    "dataset.shapes.num_train=24",
-    "dataset.shapes.num_val=8",
-    "dataset.shapes.num_test=8",
-    "dataset.shapes.min_side=96",
-    "dataset.shapes.max_side=160",
-]
+from training_helpers import FITTED_EPOCHS, TINY_SHAPES, FittedRun, ensure_tiny_shapes, shapes_as_voc
 
 
 @pytest.fixture(scope="session")
@@ -49,11 +40,7 @@ def fast(shapes_root: Path) -> list[str]:
 def fitted_run(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> FittedRun:
     from training_helpers import check_ok, run_script
 
-    from ssd_lightning.data.shapes import ensure_shapes_dataset
-
-    ensure_shapes_dataset(
-        shapes_root, **{o.split("=")[0].split(".")[-1]: int(o.split("=")[1]) for o in TINY_SHAPES}
-    )
+    ensure_tiny_shapes(shapes_root)
     cwd = tmp_path_factory.mktemp("fitted")
     overrides = (
         *shapes_as_voc(shapes_root),

@@ -184,11 +184,15 @@ DEBUG_SETTINGS = {
         "trainer.limit_val_batches": 2,
         "trainer.limit_test_batches": 2,
         "trainer.check_val_every_n_epoch": 1,
+        "schedule.max_epochs": 2,
+        "schedule.val_every_n_epochs": 1,
     },
     "overfit": {
         "trainer.overfit_batches": 2,
         "trainer.max_epochs": 150,
         "trainer.check_val_every_n_epoch": 25,
+        "schedule.max_epochs": 150,
+        "schedule.val_every_n_epochs": 25,
         "test": False,
     },
 }
@@ -206,14 +210,27 @@ def _flat(node: object, prefix: str = "") -> dict[str, object]:
 
 @pytest.mark.parametrize("debug", sorted(DEBUG_SETTINGS))
 def test_debug_configs_compose(debug: str, tmp_path: Path) -> None:
-    plain = _flat(OmegaConf.to_container(compose_config("train", [], tmp_path)))
-    cfg = _flat(OmegaConf.to_container(compose_config("train", [f"debug={debug}"], tmp_path)))
+    plain = _flat(OmegaConf.to_container(compose_config("train", [], tmp_path), resolve=True))
+    cfg = _flat(OmegaConf.to_container(compose_config("train", [f"debug={debug}"], tmp_path), resolve=True))
     expected = DEBUG_SETTINGS[debug]
     assert {key: cfg[key] for key in expected} == expected
     # Without debug= none of them holds (the trainer config has every key, so presence proves nothing) ...
     assert not {key for key, value in expected.items() if plain[key] == value}
     # ... and the option changes nothing else.
     assert {key for key in cfg.keys() | plain.keys() if cfg.get(key) != plain.get(key)} == set(expected)
+
+
+@pytest.mark.parametrize("debug", ["limit", "overfit"])
+@pytest.mark.parametrize("dataset", ["voc", "coco"])
+def test_debug_options_shorten_the_papers_schedule(debug: str, dataset: str, tmp_path: Path) -> None:
+    """dataset=voc|coco choose 120k/400k iterations validated every 10k/20k: a debug run must not inherit
+    them (Lightning would also refuse a validation interval longer than its 5 batches)."""
+    cfg = compose_config("train", [f"dataset={dataset}", "dataset.root=/data", f"debug={debug}"], tmp_path)
+    settings = DEBUG_SETTINGS[debug]
+    epochs, every = settings["schedule.max_epochs"], settings["schedule.val_every_n_epochs"]
+    assert (cfg.trainer.max_steps, cfg.trainer.max_epochs) == (-1, epochs)
+    assert (cfg.trainer.val_check_interval, cfg.trainer.check_val_every_n_epoch) == (None, every)
+    assert all(0 < step < 1 for step in [*cfg.scheduler.milestones, cfg.scheduler.warmup_steps])
 
 
 def test_optuna_search_composes() -> None:

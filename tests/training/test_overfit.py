@@ -33,6 +33,7 @@ def handful_overrides(coco128: Path) -> list[str]:
     return [
         "model=compact",  # dataset=voc alone selects SSD300
         "dataset=voc",
+        "schedule=quick",  # and the paper's 120k iterations: this run counts epochs
         f"dataset.root={coco128 / 'voc'}",
         "dataset.train_sets=[[2007,val]]",
         "dataset.val_sets=[[2007,val]]",

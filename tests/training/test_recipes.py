@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from training_helpers import check_ok, compose_config, run_script
 
@@ -25,7 +26,7 @@ TRAINERS = ["default", "cpu", "gpu", "ddp"]
 
 def test_the_card_command_composes_the_papers_ssd300_with_coco_priors(tmp_path: Path) -> None:
     """`python train.py dataset=coco trainer.devices=4 --cfg job` shows what runs: SSD300 VGG16, 300 px,
-    COCO prior sizes, the paper's global batch 32, precision following the hardware."""
+    COCO prior sizes, the paper's global batch 32 and COCO schedule, DDP, precision following the hardware."""
     stdout = check_ok(
         run_script(
             "train.py",
@@ -40,7 +41,11 @@ def test_the_card_command_composes_the_papers_ssd300_with_coco_priors(tmp_path: 
         "    prior_preset_name: coco",
         "  global_batch_size: 32",
         "  devices: 4",
-        "  precision: auto",
+        "  strategy: ddp",  # what Lightning's auto would pick for 4 devices, written out
+        "  precision: auto",  # resolved at start from the GPU (bf16-mixed or 16-mixed), logged
+        "  max_steps: 400000",  # the paper's COCO schedule, not the built-in data's 10 epochs
+        "  val_check_interval: 20000",
+        "  check_val_every_n_epoch: null",
         "  backbone_weights: IMAGENET1K_V1",  # has the fc6/fc7 the paper subsamples
         "monitor: val/map",
     ):
@@ -69,6 +74,89 @@ def test_the_model_follows_the_data(
         assert cfg.model.net.prior_preset_name == priors
         net = build_ssd(num_classes=3, **OmegaConf.to_container(cfg.model.net, resolve=True))
         torch.testing.assert_close(net.priors, generate_priors(prior_preset(cfg.model.image_size, priors)))
+
+
+# 1b. The schedule follows the data too -----------------------------------------------------------------
+
+PAPER_VOC = {"max_steps": 120000, "max_epochs": -1, "lr_steps": [80000, 100000], "val_steps": 10000}
+PAPER_COCO = {"max_steps": 400000, "max_epochs": -1, "lr_steps": [280000, 360000], "val_steps": 20000}
+QUICK = {"max_steps": -1, "max_epochs": 10, "lr_steps": [0.67, 0.83], "val_steps": None}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ([], QUICK),  # the built-in data's few-minute job
+        (["dataset=voc"], PAPER_VOC),
+        (["dataset=coco"], PAPER_COCO),
+        (["dataset=coco", "model=ssd512", "trainer.devices=8", "trainer.num_nodes=2"], PAPER_COCO),
+        (["dataset=voc", "dataset.classes=[cat,dog]"], PAPER_VOC),  # custom VOC-format data
+        (["dataset=coco", "schedule=quick"], QUICK),  # an explicit schedule= wins
+        (["dataset=voc", "schedule=paper_coco"], PAPER_COCO),
+    ],
+)
+def test_the_schedule_follows_the_data(overrides: list[str], expected: dict, tmp_path: Path) -> None:
+    """Length, lr steps and validation cadence reach the Trainer, the lr scheduler and the checkpoints."""
+    cfg = compose_config("train", [*overrides, "dataset.root=/data", "scheduler=warmup_multistep"], tmp_path)
+    assert (cfg.trainer.max_steps, cfg.trainer.max_epochs) == (expected["max_steps"], expected["max_epochs"])
+    assert list(cfg.scheduler.milestones) == expected["lr_steps"]
+    assert cfg.trainer.val_check_interval == expected["val_steps"]
+    # Lightning refuses a step interval longer than an epoch unless epoch-based validation is off.
+    assert (cfg.trainer.check_val_every_n_epoch is None) == (expected["val_steps"] is not None)
+    every = cfg.callbacks.last_checkpoint.every_n_train_steps
+    assert every == (2000 if expected["max_steps"] > 0 else 100)
+    if expected is not QUICK:  # the paper's warmup of 500 iterations
+        assert cfg.scheduler.warmup_steps == 500
+    # What a user sets on the command line still wins over the schedule.
+    mine = compose_config("train", [*overrides, "dataset.root=/data", "trainer.max_steps=77"], tmp_path)
+    assert mine.trainer.max_steps == 77
+
+
+def test_the_paper_schedule_drives_the_built_lr_scheduler(tmp_path: Path) -> None:
+    """dataset=voc: warmup over the first 500 steps, then lr x0.1 at 80k and again at 100k of 120k."""
+    cfg = compose_config("train", ["dataset=voc", "dataset.root=/data"], tmp_path)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=cfg.trainer.max_steps)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * cfg.scheduler.warmup_start_factor)
+    for _ in range(500):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    multistep = torch.optim.lr_scheduler.MultiStepLR
+    decays = [part for part in scheduler._schedulers if isinstance(part, multistep)]
+    assert [sorted(decay.milestones) for decay in decays] == [[80000, 100000]]
+
+
+@pytest.mark.parametrize(
+    ("devices", "num_nodes", "accelerator", "expected"),
+    [
+        (4, 1, "gpu", "ddp"),
+        ("4", 1, "auto", "ddp"),
+        ([0, 1], 1, "gpu", "ddp"),
+        ("'0,1'", 1, "gpu", "ddp"),  # Lightning's string of device indices
+        (1, 2, "gpu", "ddp"),  # one device on each of two nodes
+        (1, 1, "gpu", "auto"),
+        ("auto", 1, "auto", "auto"),  # the hardware decides: Lightning's auto (DDP on several GPUs)
+        (8, 1, "tpu", "auto"),  # XLA's own strategy
+    ],
+)
+def test_the_strategy_is_written_out_where_the_config_decides_it(
+    devices: object, num_nodes: int, accelerator: str, expected: str, tmp_path: Path
+) -> None:
+    overrides = [f"trainer.devices={devices}".replace(" ", ""), f"trainer.num_nodes={num_nodes}"]
+    cfg = compose_config("train", [*overrides, f"trainer.accelerator={accelerator}"], tmp_path)
+    assert cfg.trainer.strategy == expected
+
+
+@pytest.mark.parametrize("devices", [1, 2, 3])
+def test_the_written_out_strategy_is_what_lightning_would_choose(devices: int, tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+
+    cfg = compose_config("train", [f"trainer.devices={devices}", "trainer.accelerator=cpu"], tmp_path)
+    ours = pl.Trainer(accelerator="cpu", devices=devices, strategy=cfg.trainer.strategy, logger=False)
+    lightnings = pl.Trainer(accelerator="cpu", devices=devices, strategy="auto", logger=False)
+    assert type(ours.strategy) is type(lightnings.strategy)
+    assert ours.world_size == lightnings.world_size == devices
 
 
 # 2. Precision follows the hardware --------------------------------------------------------------------
@@ -172,8 +260,10 @@ def test_experiments_state_the_papers_global_batch_lr_and_schedule(experiment: s
         )
         assert cfg.dataset.global_batch_size == 32 and cfg.dataset.batch_size is None
         assert cfg.optimizer.lr == 1e-3 and cfg.optimizer.base_batch_size == 32
-        steps = 120000 if "voc" in experiment else 400000
-        assert cfg.trainer.max_steps == steps and cfg.run_name == experiment
+        paper = PAPER_VOC if "voc" in experiment else PAPER_COCO
+        assert cfg.trainer.max_steps == paper["max_steps"] and cfg.run_name == experiment
+        assert list(cfg.scheduler.milestones) == paper["lr_steps"]
+        assert cfg.trainer.val_check_interval == paper["val_steps"]
 
 
 def test_the_lr_changes_with_the_batch_only_when_asked(tmp_path: Path) -> None:

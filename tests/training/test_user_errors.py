@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_helpers import compose_config, run_script
+from training_helpers import compose_config, ensure_tiny_shapes, run_script, shapes_as_voc
 
 from ssd_lightning.cli.eval import evaluate
 from ssd_lightning.cli.predict import predict
@@ -163,3 +163,16 @@ def test_eval_of_a_checkpoint_on_data_with_other_classes(fast: list[str], tmp_pa
     cfg = compose_config("eval", overrides, tmp_path / "eval")
     with pytest.raises(ValueError, match=r"trained on classes \['dog', 'cat'\] but dataset=shapes has"):
         evaluate(cfg)
+
+
+def test_an_epoch_run_on_voc_format_data_under_the_papers_schedule_says_how_to_count_epochs(
+    shapes_root: Path, fast: list[str], tmp_path: Path
+) -> None:
+    """dataset=voc brings the paper's 120k iterations validated every 10k; asking for validation every epoch
+    of a small dataset is Lightning's error, completed with the schedule that set the interval and the fix."""
+    ensure_tiny_shapes(shapes_root)
+    data = [o for o in shapes_as_voc(shapes_root) if o != "schedule=quick"]
+    model_and_trainer = [o for o in fast if not o.startswith("dataset.")]
+    message = _train_error([*data, "model=compact", *model_and_trainer], tmp_path, ConfigurationError)
+    assert "`val_check_interval` (10000)" in message and "schedule=paper_voc" in message
+    assert "add schedule=quick" in message

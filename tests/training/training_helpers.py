@@ -81,12 +81,32 @@ class FittedRun:
 FITTED_EPOCHS = 30
 
 
+# The built-in dataset at a tiny size (generated once per session, away from the user's cache).
+TINY_SHAPES = [
+    "dataset.shapes.num_train=24",
+    "dataset.shapes.num_val=8",
+    "dataset.shapes.num_test=8",
+    "dataset.shapes.min_side=96",
+    "dataset.shapes.max_side=160",
+]
+
+
+def ensure_tiny_shapes(root: Path) -> None:
+    """The tiny shapes data of TINY_SHAPES in `root` (generated once, then found in place)."""
+    from ssd_lightning.data.shapes import ensure_shapes_dataset
+
+    settings = {option.split("=")[0].split(".")[-1]: int(option.split("=")[1]) for option in TINY_SHAPES}
+    ensure_shapes_dataset(root, **settings)
+
+
 def shapes_as_voc(root: Path) -> list[str]:
-    """The tiny shapes data read through dataset=voc, so that validation can use the training images."""
+    """The tiny shapes data read through dataset=voc, so that validation can use the training images; a short
+    run counted in epochs (schedule=quick), as on any small custom dataset."""
     from ssd_lightning.data.shapes import SHAPE_CLASSES
 
     return [
         "dataset=voc",
+        "schedule=quick",
         f"dataset.root={root}",
         f"dataset.classes=[{','.join(SHAPE_CLASSES)}]",
         "dataset.train_sets=[[shapes,train]]",

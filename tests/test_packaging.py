@@ -60,8 +60,28 @@ def test_the_wheel_runs_from_any_folder_with_its_own_configs(tmp_path: Path) -> 
     assert Path(where.strip()) == site / "ssd_lightning" / "conf"
     shown = run([str(venv / "bin" / "ssd-train"), "--cfg", "job"], elsewhere, env)
     assert "  name: compact\n" in shown and "  name: shapes\n" in shown
+    # The other console scripts: installed, their entry points import, their configs compose from the
+    # package (one interpreter for the three: each start costs seconds of torch and Lightning imports).
+    check = (
+        "import sys\n"
+        "from importlib.metadata import entry_points\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir\n"
+        "scripts = {e.name: e for e in entry_points(group='console_scripts') if e.name.startswith('ssd-')}\n"
+        "for name, config in (('ssd-eval', 'eval'), ('ssd-predict', 'predict'), ('ssd-export', 'export')):\n"
+        "    main = scripts[name].load()\n"
+        "    with initialize_config_dir(config_dir=str(config_dir()), version_base=HYDRA_VERSION_BASE):\n"
+        "        cfg = compose(config)\n"
+        "    print(name, main.__module__, cfg.task_name, cfg._get_node('ckpt_path')._value())\n"
+    )
     for script in ("ssd-eval", "ssd-predict", "ssd-export"):
-        assert "ckpt_path: ???" in run([str(venv / "bin" / script), "--cfg", "job"], elsewhere, env)
+        assert (venv / "bin" / script).is_file()
+    shown = run([str(python), "-c", check], elsewhere, env).splitlines()
+    assert shown == [
+        "ssd-eval ssd_lightning.cli.eval eval ???",
+        "ssd-predict ssd_lightning.cli.predict predict ???",
+        "ssd-export ssd_lightning.cli.export export ???",
+    ]
 
     # A user's config folder beside ours: a new experiment, using our groups.
     mine = elsewhere / "my_configs" / "experiment"

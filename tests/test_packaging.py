@@ -54,19 +54,15 @@ def test_the_wheel_runs_from_any_folder_with_its_own_configs(tmp_path: Path) -> 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = run(
-        [str(python), "-c", "import ssd_lightning.conf_dir as c; print(c.config_dir())"], elsewhere, env
-    )
-    assert Path(where.strip()) == site / "ssd_lightning" / "conf"
     shown = run([str(venv / "bin" / "ssd-train"), "--cfg", "job"], elsewhere, env)
     assert "  name: compact\n" in shown and "  name: shapes\n" in shown
     # The other console scripts: installed, their entry points import, their configs compose from the
     # package (one interpreter for the three: each start costs seconds of torch and Lightning imports).
     check = (
-        "import sys\n"
         "from importlib.metadata import entry_points\n"
         "from hydra import compose, initialize_config_dir\n"
         "from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir\n"
+        "print(config_dir())\n"
         "scripts = {e.name: e for e in entry_points(group='console_scripts') if e.name.startswith('ssd-')}\n"
         "for name, config in (('ssd-eval', 'eval'), ('ssd-predict', 'predict'), ('ssd-export', 'export')):\n"
         "    main = scripts[name].load()\n"
@@ -76,7 +72,8 @@ def test_the_wheel_runs_from_any_folder_with_its_own_configs(tmp_path: Path) -> 
     )
     for script in ("ssd-eval", "ssd-predict", "ssd-export"):
         assert (venv / "bin" / script).is_file()
-    shown = run([str(python), "-c", check], elsewhere, env).splitlines()
+    where, *shown = run([str(python), "-c", check], elsewhere, env).splitlines()
+    assert Path(where) == site / "ssd_lightning" / "conf"  # the package's own copy, not the source tree
     assert shown == [
         "ssd-eval ssd_lightning.cli.eval eval ???",
         "ssd-predict ssd_lightning.cli.predict predict ???",

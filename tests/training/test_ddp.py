@@ -19,8 +19,7 @@ def test_ddp_on_two_cpu_processes(fast: list[str], tmp_path: Path) -> None:
             "train.py",
             [*args, "trainer.max_epochs=2", f"hydra.run.dir={run_dir}"],
             cwd=tmp_path,
-            new_interpreter=True,  # Lightning starts the second process as `python train.py ...`
-        )
+        )  # Lightning starts the second process as `python train.py ...`
     )
     assert stdout.count("Final mAP") == 1  # reports come from rank 0 only
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -47,7 +47,6 @@ def test_three_processes_report_the_images_and_map_of_one(fitted_run: FittedRun,
                 "eval.py",
                 [*common, *strategy, f"output_json={out}", f"hydra.run.dir={tmp_path / str(processes)}"],
                 cwd=tmp_path,
-                new_interpreter=processes > 1,  # Lightning starts the other processes as `python eval.py ...`
             )
         )
         results[processes] = json.loads(out.read_text())

@@ -129,7 +129,7 @@ def test_ddp_spawn_trains_on_two_cpu_processes(fast: list[str], tmp_path: Path) 
         "test=false",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    stdout = check_ok(run_script("train.py", args, cwd=tmp_path, new_interpreter=True))  # spawns processes
+    stdout = check_ok(run_script("train.py", args, cwd=tmp_path))  # spawns two new interpreters
     assert "Final mAP" in stdout
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 3  # 24 images, 4 per process and step, 2 processes

@@ -40,7 +40,7 @@ def compose_config(config_name: str, overrides: Sequence[str], output_dir: Path 
 
 # The entry points, imported once into a fork server (a process that never ran a tensor operation, so forking
 # it is safe): each script run forks from it instead of paying ~6 s of torch/Lightning/torchmetrics imports
-# in a new interpreter. Runs that start processes of their own (DDP) or take signals use a new interpreter.
+# in a new interpreter.
 _PRELOADED = [f"ssd_lightning.cli.{name}" for name in ("train", "eval", "predict", "export")] + ["torch.onnx"]
 _SERVER = multiprocessing.get_context("forkserver")
 _SERVER.set_forkserver_preload(_PRELOADED)
@@ -91,16 +91,14 @@ def run_script(
     cwd: Path,
     timeout: float = 600,
     env: dict[str, str] | None = None,
-    new_interpreter: bool = False,
 ) -> subprocess.CompletedProcess:
     """`python <script> <args>` from the project root, offline and CPU-only: its exit status and output.
 
-    Forked from a server that has the entry points imported, unless `new_interpreter` (runs that start
-    processes of their own, such as DDP, or whose interpreter start is what is tested)."""
+    Forked from a server that has the entry points imported; processes that the script starts (DDP's other
+    ranks, ddp_spawn's workers) are new interpreters, as they are for a user. Tests of signals and of the
+    installed console scripts start their own interpreters."""
     command = [sys.executable, str(PROJECT_ROOT / script), *args]
     full_env = _script_env(env)
-    if new_interpreter:
-        return subprocess.run(command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     with tempfile.TemporaryDirectory() as folder:
         stdout, stderr = Path(folder) / "stdout", Path(folder) / "stderr"
         process = _SERVER.Process(

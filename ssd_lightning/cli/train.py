@@ -113,7 +113,7 @@ def _checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> Path | None:
     return ckpt_path
 
 
-def schedule_name(cfg: DictConfig) -> str:
+def schedule_name() -> str:
     """`schedule=<name>` of the run (conf/schedule/), as the user would write it."""
     if HydraConfig.initialized():
         return f"schedule={HydraConfig.get().runtime.choices.get('schedule', '?')}"
@@ -176,7 +176,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if "`val_check_interval`" not in str(error):
                 raise
             raise ConfigurationError(
-                f"{str(error).strip()} The schedule ({schedule_name(cfg)}) validates every "
+                f"{str(error).strip()} The schedule ({schedule_name()}) validates every "
                 f"trainer.val_check_interval={cfg.trainer.val_check_interval} steps; for a run counted in "
                 "epochs add schedule=quick (then trainer.max_epochs=N trainer.check_val_every_n_epoch=M)"
             ) from error

@@ -386,7 +386,10 @@ def test_ddp_sync_over_two_processes_equals_single_process(tmp_path: Path) -> No
         [list(range(30)), []],  # rank 1 saw no image at all
     ]
     out = str(tmp_path / "result")
-    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), images, scenarios, out), nprocs=2, join=True)
+    # forkserver: the ranks start from the test session's server, whose imports are done (a new interpreter
+    # per rank costs seconds of torch imports), and never fork a process whose torch threads run.
+    args = (str(tmp_path / "init"), images, scenarios, out)
+    mp.start_processes(_ddp_worker, args=args, nprocs=2, join=True, start_method="forkserver")
     for rank in range(2):
         for synced in torch.load(f"{out}.{rank}"):
             for key in ("map_voc07", "map_voc12", "map_per_class", "classes"):

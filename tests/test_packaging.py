@@ -56,9 +56,18 @@ def test_the_wheel_runs_from_any_folder_with_its_own_configs(tmp_path: Path) -> 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     shown = run([str(venv / "bin" / "ssd-train"), "--cfg", "job"], elsewhere, env)
     assert "  name: compact\n" in shown and "  name: shapes\n" in shown
+    # A user's config folder beside ours: a new experiment, using our groups.
+    mine = elsewhere / "my_configs" / "experiment"
+    mine.mkdir(parents=True)
+    (mine / "tiny_ssd300.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: ssd300\nrun_name: tiny\n"
+        "dataset:\n  global_batch_size: 4\n"
+    )
     # The other console scripts: installed, their entry points import, their configs compose from the
-    # package (one interpreter for the three: each start costs seconds of torch and Lightning imports).
+    # package; then ssd-train's entry point with the user's folder. One interpreter for all of it: each
+    # start costs seconds of torch and Lightning imports, and ssd-train's script has run above.
     check = (
+        "import sys\n"
         "from importlib.metadata import entry_points\n"
         "from hydra import compose, initialize_config_dir\n"
         "from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir\n"
@@ -69,34 +78,18 @@ def test_the_wheel_runs_from_any_folder_with_its_own_configs(tmp_path: Path) -> 
         "    with initialize_config_dir(config_dir=str(config_dir()), version_base=HYDRA_VERSION_BASE):\n"
         "        cfg = compose(config)\n"
         "    print(name, main.__module__, cfg.task_name, cfg._get_node('ckpt_path')._value())\n"
+        "sys.argv = ['ssd-train', '--config-dir', 'my_configs', 'experiment=tiny_ssd300', '--cfg', 'job']\n"
+        "scripts['ssd-train'].load()()\n"
     )
     for script in ("ssd-eval", "ssd-predict", "ssd-export"):
         assert (venv / "bin" / script).is_file()
-    where, *shown = run([str(python), "-c", check], elsewhere, env).splitlines()
-    assert Path(where) == site / "ssd_lightning" / "conf"  # the package's own copy, not the source tree
-    assert shown == [
-        "ssd-eval ssd_lightning.cli.eval eval ???",
-        "ssd-predict ssd_lightning.cli.predict predict ???",
-        "ssd-export ssd_lightning.cli.export export ???",
+    where, *shown = run([str(python), "-c", check], elsewhere, env).splitlines(keepends=True)
+    assert Path(where.strip()) == site / "ssd_lightning" / "conf"  # the package's own copy, not the sources
+    assert shown[:3] == [
+        "ssd-eval ssd_lightning.cli.eval eval ???\n",
+        "ssd-predict ssd_lightning.cli.predict predict ???\n",
+        "ssd-export ssd_lightning.cli.export export ???\n",
     ]
-
-    # A user's config folder beside ours: a new experiment, using our groups.
-    mine = elsewhere / "my_configs" / "experiment"
-    mine.mkdir(parents=True)
-    (mine / "tiny_ssd300.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /model: ssd300\nrun_name: tiny\n"
-        "dataset:\n  global_batch_size: 4\n"
-    )
-    shown = run(
-        [
-            str(venv / "bin" / "ssd-train"),
-            "--config-dir",
-            "my_configs",
-            "experiment=tiny_ssd300",
-            "--cfg",
-            "job",
-        ],
-        elsewhere,
-        env,
-    )
-    assert "run_name: tiny\n" in shown and "  name: ssd300\n" in shown and "  global_batch_size: 4\n" in shown
+    user_job = "".join(shown[3:])
+    assert "run_name: tiny\n" in user_job and "  name: ssd300\n" in user_job
+    assert "  global_batch_size: 4\n" in user_job

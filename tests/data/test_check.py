@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import io
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ssd_lightning.cli.check import main
+from script_runs import PROJECT_ROOT, run_module
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from ssd_lightning.cli.check import main
 
 
 def _check(*overrides: str) -> tuple[int, list[str]]:
@@ -99,24 +96,14 @@ def test_a_root_that_does_not_exist_fails_cleanly(tmp_path: Path) -> None:
 
 
 def test_the_command_line_generates_and_checks_the_shapes_dataset(tmp_path: Path) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "ssd_lightning.cli.check",
+    args = [
         "dataset=shapes",
         f"dataset.root={tmp_path}",
         "dataset.shapes.num_train=4",
         "dataset.shapes.num_val=2",
         "dataset.shapes.num_test=2",
     ]
-    result = subprocess.run(
-        command,
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
+    result = run_module("ssd_lightning.cli.check", args, cwd=PROJECT_ROOT, env={"PYTHONWARNINGS": "ignore"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "train (voc shapes/train): 0 error(s), 0 warning(s); usable: 4 images" in result.stdout
     assert (tmp_path / "VOCshapes" / "manifest.json").is_file()

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from training_helpers import FITTED_EPOCHS, TINY_SHAPES, FittedRun, ensure_tiny_shapes, shapes_as_voc
 
 
 @pytest.fixture(scope="session")
-def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("shapes")
+def shapes_root(shared_tmp_path: Path) -> Path:
+    """Where the tiny shapes data is generated (once per test run: processes share the generated cache)."""
+    return shared_tmp_path / "training_shapes"
 
 
 @pytest.fixture
@@ -37,11 +40,16 @@ def fast(shapes_root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def fitted_run(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> FittedRun:
+def fitted_run(shapes_root: Path, shared_tmp_path: Path) -> FittedRun:
+    """One fitted run per test run, shared by the pytest-xdist workers (the first to need it trains it)."""
+    with FileLock(shared_tmp_path / "fitted.lock"):
+        return _fitted_run(shapes_root, shared_tmp_path / "fitted")
+
+
+def _fitted_run(shapes_root: Path, cwd: Path) -> FittedRun:
     from training_helpers import check_ok, run_script
 
-    ensure_tiny_shapes(shapes_root)
-    cwd = tmp_path_factory.mktemp("fitted")
+    done = cwd / "stdout.txt"  # written last: a run that failed is run again (and fails again) by the next
     overrides = (
         *shapes_as_voc(shapes_root),
         "model=compact",
@@ -59,7 +67,13 @@ def fitted_run(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory) -> F
         "logger=csv",
         "run_name=fitted",
     )
-    stdout = check_ok(run_script("train.py", overrides, cwd=cwd, env={"HYDRA_FULL_ERROR": "0"}))
+    if not done.exists():
+        ensure_tiny_shapes(shapes_root)
+        shutil.rmtree(cwd, ignore_errors=True)
+        cwd.mkdir()
+        stdout = check_ok(run_script("train.py", overrides, cwd=cwd, env={"HYDRA_FULL_ERROR": "0"}))
+        done.write_text(stdout)
+    stdout = done.read_text()
     (folder,) = (cwd / "outputs" / "train" / "runs" / "fitted").iterdir()
     metrics = json.loads((folder / "metrics.json").read_text())
     return FittedRun(cwd, folder, stdout, metrics, overrides)

@@ -5,6 +5,7 @@ README's own Python snippets."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import cv2
@@ -154,18 +155,29 @@ def readme_python_blocks() -> list[tuple[int, str]]:
     ]
 
 
+@pytest.fixture(scope="module")
+def readme_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files README's snippets name: ssd.pytorch weights, an ONNX file, a photo (made once: the export
+    takes seconds)."""
+    from ssd_lightning.export import export_onnx
+
+    folder = tmp_path_factory.mktemp("readme_files")
+    torch.save(_randomise(_FlatSSD300(21), seed=5).state_dict(), folder / "ssd300_mAP_77.43_v2.pth")
+    net = sl.build_ssd(96, 6, arch="compact", width=8).eval()
+    export_onnx(net, folder / "ssd.onnx", input_format="uint8", pixel_mean=[123.0] * 3, pixel_std=[58.0] * 3)
+    image = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    cv2.imwrite(str(folder / "dog.jpg"), image)
+    return folder
+
+
 @pytest.mark.parametrize(
     ("line", "code"), readme_python_blocks(), ids=lambda v: str(v) if isinstance(v, int) else ""
 )
 def test_readme_python_snippets_run(
-    line: int, code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    line: int, code: str, readme_files: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every ```python block of README runs as written, given the files it names (made here)."""
+    """Every ```python block of README runs as written, given the files it names (copies: a snippet may
+    change them)."""
+    shutil.copytree(readme_files, tmp_path, dirs_exist_ok=True)
     monkeypatch.chdir(tmp_path)
-    torch.save(_randomise(_FlatSSD300(21), seed=5).state_dict(), "ssd300_mAP_77.43_v2.pth")
-    net = sl.build_ssd(96, 6, arch="compact", width=8).eval()
-    from ssd_lightning.export import export_onnx
-
-    export_onnx(net, "ssd.onnx", input_format="uint8", pixel_mean=[123.0] * 3, pixel_std=[58.0] * 3)
-    cv2.imwrite("dog.jpg", np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8))
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})

@@ -6,17 +6,15 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from training_helpers import PROJECT_ROOT, check_ok, run_script
+from script_runs import start_script
+from training_helpers import check_ok, run_script
 
 EPOCHS = 10
 STEPS_PER_EPOCH = 6  # 24 training images, batch 4
@@ -43,18 +41,9 @@ def test_sigkill_mid_epoch_then_resume(fast: list[str], tmp_path: Path) -> None:
         "scheduler.min_lr_factor=0.01",
     ]
     first = tmp_path / "first"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, str(PROJECT_ROOT / "train.py"), *args, f"hydra.run.dir={first}"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
     last = first / "checkpoints" / "last.ckpt"
     killed_at = None
-    try:
+    with start_script("train.py", [*args, f"hydra.run.dir={first}"], cwd=tmp_path) as process:
         while process.poll() is None:
             step = checkpoint_step(last)
             # Mid-epoch, and well before the end of the run.
@@ -63,11 +52,9 @@ def test_sigkill_mid_epoch_then_resume(fast: list[str], tmp_path: Path) -> None:
                 killed_at = step
                 break
             time.sleep(0.02)
-        process.wait(timeout=60)
-    finally:
-        process.kill()
-    assert killed_at is not None, f"the run ended before it could be killed:\n{process.stderr.read()}"
-    assert process.returncode == -signal.SIGKILL
+        code = process.wait(timeout=60)
+        assert killed_at is not None, f"the run ended before it could be killed:\n{process.stderr()}"
+    assert code == -signal.SIGKILL
 
     second = tmp_path / "second"
     stdout = check_ok(

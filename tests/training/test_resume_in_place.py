@@ -10,8 +10,6 @@ import os
 import random
 import signal
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from training_helpers import PROJECT_ROOT, check_ok, compose_config, run_script
+from script_runs import start_script
+from training_helpers import check_ok, compose_config, run_script
 
 from ssd_lightning.cli import resolvers
 from ssd_lightning.training.rng import restore_rng_states, rng_states
@@ -133,14 +132,7 @@ def test_slurm_preemption_requeues_and_resumes_in_place(fast: list[str], tmp_pat
     scontrol = bin_dir / "scontrol"  # records what Lightning asks SLURM to do
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
-    env = {
-        **os.environ,
-        **SLURM,
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "CUDA_VISIBLE_DEVICES": "",
-        "WANDB_MODE": "offline",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = {**SLURM, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     epochs = 10  # 60 steps: the signal lands long before the end, and the requeued part stays short
     args = [
         *fast,
@@ -151,42 +143,25 @@ def test_slurm_preemption_requeues_and_resumes_in_place(fast: list[str], tmp_pat
         "test=false",
     ]
     run = tmp_path / "outputs" / "train" / "runs" / "compact_shapes" / "slurm-4242-0"
-    process = subprocess.Popen(
-        [sys.executable, str(PROJECT_ROOT / "train.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with start_script("train.py", args, cwd=tmp_path, env=env) as process:
         deadline = time.time() + 600
         while not (run / "checkpoints" / "last.ckpt").exists():  # training runs: the handler is installed
-            assert process.poll() is None and time.time() < deadline, process.stderr.read()
+            assert process.poll() is None and time.time() < deadline, process.stderr()
             time.sleep(0.05)
         process.send_signal(signal.SIGUSR1)  # what SLURM sends before pre-empting (--signal=USR1@90)
         while not list(run.glob("hpc_ckpt_*.ckpt")):
-            assert process.poll() is None and time.time() < deadline, process.stderr.read()
+            assert process.poll() is None and time.time() < deadline, process.stderr()
             time.sleep(0.05)
         time.sleep(0.5)
         process.kill()  # SLURM ends the job
         process.wait(timeout=60)
-    finally:
-        process.kill()
     (hpc,) = run.glob("hpc_ckpt_*.ckpt")
     hpc_step = torch.load(hpc, weights_only=False)["global_step"]
     assert 0 < hpc_step < epochs * STEPS_PER_EPOCH
     assert calls.read_text().split() == ["requeue", "4242"]
 
     # The requeued job: same command, same environment.
-    result = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "train.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_script("train.py", args, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Requeued run: resuming from {hpc}" in result.stdout + result.stderr
     assert [p.name for p in (tmp_path / "outputs" / "train" / "runs" / "compact_shapes").iterdir()] == [

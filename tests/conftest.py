@@ -1,5 +1,7 @@
 """Shared fixtures: the real coco128 data that lives beside the project (never inside it), and the rule for
-missing test inputs: a failure in CI (`CI` set, as .ci/run does), a skip elsewhere that says what to do."""
+missing test inputs: a failure in CI (`CI` set, as .ci/run does), a skip elsewhere that says what to do. Also
+how the suite shares the machine: pytest-xdist's worker count, torch threads per worker, and a folder that
+the workers share for fixtures built once."""
 
 from __future__ import annotations
 

@@ -137,8 +137,11 @@ def test_fused_warp_is_pixel_exact_on_a_ramp(canvas, window) -> None:
     assert difference.mean() < 0.3 and np.percentile(difference, 99) <= 2
 
 
-@settings(max_examples=60, deadline=None, database=None)
-@given(scenes(), st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.7, 0.9]))
+# Each threshold gets its own examples: drawn from a list, most examples took its first (0.0), which any
+# window meets.
+@pytest.mark.parametrize("min_iou", [0.1, 0.3, 0.5, 0.7, 0.9])
+@settings(max_examples=20, deadline=None, database=None)
+@given(scene=scenes())
 def test_iou_crop_window_obeys_the_ssd_constraints(scene, min_iou: float) -> None:
     image, target, seed = scene
     height, width = image.shape[:2]

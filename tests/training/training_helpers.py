@@ -41,8 +41,9 @@ def check_ok(result: subprocess.CompletedProcess) -> str:
 
 @dataclass(frozen=True)
 class FittedRun:
-    """A real `python train.py` run (subprocess, default run folder under `cwd`) that fitted the compact
-    model to the tiny shapes training images, validating on those same images: a real mAP to compare."""
+    """A real `python train.py` run (forked, default run folder under `cwd`) that fitted the compact model to
+    the tiny shapes training images, validating on those and the held-out test images: a real mAP to
+    compare."""
 
     cwd: Path
     folder: Path

@@ -94,14 +94,7 @@ def test_user_plugins_are_merged_with_ours(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_compiled_network_trains_on_the_cpu(
-    fast: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import torch._inductor.config
-
-    # Kernels compiled in this process: a pool of compile workers costs more than these few kernels, several
-    # times more when pytest-xdist keeps the other cores busy.
-    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
+def test_compiled_network_trains_on_the_cpu(fast: list[str], tmp_path: Path) -> None:
     cfg = compose_config(
         "train",
         [*fast, "model.compile=true", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "test=false"],

@@ -14,6 +14,7 @@ import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from unittest import mock
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,24 +74,20 @@ class ScriptProcess:
     """A script run forked from the server, running: what the tests use of `subprocess.Popen` (poll, signals,
     wait) and the output so far. Close it (or use `with`) to remove its output files."""
 
-    def __init__(self, command: list[str], cwd: Path, env: dict[str, str] | None, module: bool) -> None:
-        self.command = command
+    def __init__(
+        self, script: str, args: Sequence[str], cwd: Path, env: dict[str, str] | None, module: bool
+    ) -> None:
+        target = script if module else str(PROJECT_ROOT / script)  # what runpy runs in the child
+        self.command = [sys.executable, *(["-m"] if module else []), target, *args]
         self._folder = Path(tempfile.mkdtemp(prefix="script-run-"))
         self._stdout, self._stderr = self._folder / "stdout", self._folder / "stderr"
-        script, args = (command[2], command[3:]) if module else (command[1], command[2:])
+        outputs = (str(self._stdout), str(self._stderr))
         self._process = _SERVER.Process(
-            target=_run_forked,
-            args=(script, args, str(cwd), _script_env(env), str(self._stdout), str(self._stderr), module),
+            target=_run_forked, args=(target, list(args), str(cwd), _script_env(env), *outputs, module)
         )
-        saved = os.environ.get("CUDA_VISIBLE_DEVICES")
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the server, started by the first run, never sees a GPU
-        try:
+        # The server, started by the first run, never sees a GPU.
+        with mock.patch.dict(os.environ, {"CUDA_VISIBLE_DEVICES": ""}):
             self._process.start()
-        finally:
-            if saved is None:
-                del os.environ["CUDA_VISIBLE_DEVICES"]
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
     def poll(self) -> int | None:
         """The exit status (minus the signal that ended it, as Popen's), None while it runs."""
@@ -134,7 +131,7 @@ def start_script(
     script: str, args: Sequence[str], cwd: Path, env: dict[str, str] | None = None
 ) -> ScriptProcess:
     """`python <script> <args>` started as `run_script` runs it, left running: for tests that signal it."""
-    return ScriptProcess([sys.executable, str(PROJECT_ROOT / script), *args], cwd, env, module=False)
+    return ScriptProcess(script, args, cwd, env, module=False)
 
 
 def run_script(
@@ -149,15 +146,14 @@ def run_script(
     Forked from a server that has the entry points imported; processes that the script starts (DDP's other
     ranks, ddp_spawn's workers) are new interpreters, as they are for a user. The installed console scripts'
     tests start their own interpreters."""
-    command = [sys.executable, str(PROJECT_ROOT / script), *args]
-    return _run(ScriptProcess(command, cwd, env, module=False), timeout)
+    return _run(ScriptProcess(script, args, cwd, env, module=False), timeout)
 
 
 def run_module(
     module: str, args: Sequence[str], cwd: Path, timeout: float = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """`python -m <module> <args>`, as `run_script` runs a script."""
-    return _run(ScriptProcess([sys.executable, "-m", module, *args], cwd, env, module=True), timeout)
+    return _run(ScriptProcess(module, args, cwd, env, module=True), timeout)
 
 
 def _run(process: ScriptProcess, timeout: float) -> subprocess.CompletedProcess:

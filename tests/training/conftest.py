@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
-from training_helpers import FITTED_EPOCHS, TINY_SHAPES, FittedRun, ensure_tiny_shapes, shapes_as_voc
+from training_helpers import (
+    FITTED_EPOCHS,
+    TINY_SHAPES,
+    FittedRun,
+    check_ok,
+    ensure_tiny_shapes,
+    run_script,
+    shapes_as_voc,
+)
 
 
 @pytest.fixture(scope="session")
@@ -47,16 +55,12 @@ def fitted_run(shapes_root: Path, shared_tmp_path: Path) -> FittedRun:
 
 
 def _fitted_run(shapes_root: Path, cwd: Path) -> FittedRun:
-    from training_helpers import check_ok, run_script
-
     done = cwd / "stdout.txt"  # written last: a run that failed is run again (and fails again) by the next
     # Validation on the 24 fitted training images and the 8 held-out test images: a mAP well inside (0, 1) at
     # every IoU threshold, which any change of what evaluation counts moves (on the fitted images alone VOC07
     # mAP is 1.0).
-    held_out = "dataset.val_sets=[[shapes,train],[shapes,test]]"
-    data = [held_out if o.startswith("dataset.val_sets=") else o for o in shapes_as_voc(shapes_root)]
     overrides = (
-        *data,
+        *shapes_as_voc(shapes_root, val_sets="[[shapes,train],[shapes,test]]"),
         "model=compact",
         "model.image_size=96",
         "model.net.width=16",

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import FittedRun, shapes_as_voc
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from training_helpers import check_ok, run_script
+from training_helpers import FittedRun, check_ok, run_script, shapes_as_voc
 
 IMAGES = 7  # does not divide over 3 ranks: the default sampler would evaluate 9
 

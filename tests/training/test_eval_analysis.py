@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TINY_SHAPES
 from PIL import Image
-from training_helpers import compose_config
+from training_helpers import TINY_SHAPES, compose_config
 
 from ssd_lightning.cli.eval import evaluate
 from ssd_lightning.data import SHAPE_CLASSES, VOCDetection

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from script_runs import start_script
-from training_helpers import check_ok, run_script
+from script_runs import run_script, start_script
+from training_helpers import check_ok
 
 EPOCHS = 10
 STEPS_PER_EPOCH = 6  # 24 training images, batch 4

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from script_runs import start_script
-from training_helpers import check_ok, compose_config, run_script
+from script_runs import run_script, start_script
+from training_helpers import check_ok, compose_config
 
 from ssd_lightning.cli import resolvers
 from ssd_lightning.training.rng import restore_rng_states, rng_states

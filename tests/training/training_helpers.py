@@ -77,9 +77,9 @@ def ensure_tiny_shapes(root: Path) -> None:
     ensure_shapes_dataset(root, **settings)
 
 
-def shapes_as_voc(root: Path) -> list[str]:
-    """The tiny shapes data read through dataset=voc, so that validation can use the training images; a short
-    run counted in epochs (schedule=quick), as on any small custom dataset."""
+def shapes_as_voc(root: Path, val_sets: str = "[[shapes,train]]") -> list[str]:
+    """The tiny shapes data read through dataset=voc, so that validation can use the training images (or the
+    `val_sets` given); a short run counted in epochs (schedule=quick), as on any small custom dataset."""
     from ssd_lightning.data.shapes import SHAPE_CLASSES
 
     return [
@@ -88,7 +88,7 @@ def shapes_as_voc(root: Path) -> list[str]:
         f"dataset.root={root}",
         f"dataset.classes=[{','.join(SHAPE_CLASSES)}]",
         "dataset.train_sets=[[shapes,train]]",
-        "dataset.val_sets=[[shapes,train]]",
+        f"dataset.val_sets={val_sets}",
         "dataset.test_sets=[[shapes,test]]",
         "dataset.num_workers=0",
     ]

@@ -46,6 +46,8 @@ def _run_forked(
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
+    # What a new interpreter would put on sys.path from PYTHONPATH (the server started without it).
+    sys.path[:0] = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
     for fd, path in ((1, stdout), (2, stderr)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     sys.argv = [script, *args]

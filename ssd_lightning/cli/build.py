@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -12,6 +13,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.accelerators import CUDAAccelerator
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.plugins.io import CheckpointIO
 
@@ -64,20 +66,34 @@ def category_ids_of(datamodule: pl.LightningDataModule) -> list[int] | None:
     return [int(mapping[label]) for label in range(1, len(datamodule.classes) + 1)]
 
 
-def optimizer_factory(cfg: DictConfig, global_batch: int | None = None) -> functools.partial:
-    """`params -> Optimizer` of `cfg.optimizer`; with `scale_lr` its lr is scaled by global batch / the
-    optimiser's `base_batch_size` (linear scaling rule)."""
-    node = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    factory = instantiate({k: v for k, v in node.items() if k != BASE_BATCH_KEY})
+def learning_rate(cfg: DictConfig, global_batch: int | None) -> float:
+    """The run's lr: `optimizer.lr`, times global batch / `optimizer.base_batch_size` with `scale_lr=true`
+    (linear scaling rule)."""
+    lr = float(cfg.optimizer.lr)
     if not cfg.get("scale_lr") or global_batch is None:
-        return factory
+        return lr
     base = cfg.optimizer.get(BASE_BATCH_KEY)
     if not base:
         raise ValueError(
             f"scale_lr=true needs optimizer.{BASE_BATCH_KEY}: the global batch optimizer.lr is for"
         )
-    lr = float(factory.keywords["lr"]) * global_batch / int(base)
-    log.info("scale_lr: lr %g x %d / %d = %g", factory.keywords["lr"], global_batch, int(base), lr)
+    return lr * global_batch / int(base)
+
+
+def optimizer_factory(cfg: DictConfig, global_batch: int | None = None) -> functools.partial:
+    """`params -> Optimizer` of `cfg.optimizer` at the run's `learning_rate`."""
+    node = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    factory = instantiate({k: v for k, v in node.items() if k != BASE_BATCH_KEY})
+    lr = learning_rate(cfg, global_batch)
+    if lr == float(factory.keywords["lr"]):
+        return factory
+    log.info(
+        "scale_lr: lr %g x %d / %d = %g",
+        factory.keywords["lr"],
+        global_batch,
+        cfg.optimizer[BASE_BATCH_KEY],
+        lr,
+    )
     return functools.partial(factory, lr=lr)
 
 
@@ -130,26 +146,88 @@ def instantiate_loggers(group: DictConfig | None, wandb_run_id: str | None = Non
     return loggers
 
 
-def resolve_precision(precision: Any, accelerator: str) -> str:
-    """`auto`: bf16-mixed on a GPU that supports bf16, 16-mixed on other GPUs, 32-true elsewhere; any other
-    value is Lightning's own."""
+def native_bf16() -> bool:
+    """Whether the CUDA GPU computes in bf16 natively: compute capability 8.0 (Ampere) or newer. Earlier GPUs
+    (T4, V100) only emulate it, which `torch.cuda.is_bf16_supported()` counts as support by default."""
+    if torch.version.hip:  # ROCm: torch knows which of its GPUs have bf16 units
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
+def resolve_precision(precision: Any, accelerator: str) -> tuple[Any, str]:
+    """`auto`: bf16-mixed on a GPU with native bf16, 16-mixed on other GPUs, 32-true elsewhere; any other
+    value is Lightning's own. Returns the precision and why (what the start of a run logs)."""
     if str(precision) != "auto":
-        return precision
+        return precision, "as configured"
     uses_gpu = accelerator in GPU_ACCELERATORS or (accelerator == "auto" and torch.cuda.is_available())
     if not uses_gpu:
-        return "32-true"
-    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        return "32-true", "no GPU"
+    major, minor = torch.cuda.get_device_capability()
+    gpu = f"{torch.cuda.get_device_name()}, compute capability {major}.{minor}"
+    if native_bf16():
+        return "bf16-mixed", f"{gpu}: native bf16"
+    return "16-mixed", f"{gpu}: no native bf16 (it needs compute capability 8.0), fp16 with loss scaling"
+
+
+@dataclass(frozen=True)
+class ProcessLayout:
+    """The devices per node and nodes a Trainer runs on, and whether they are GPUs."""
+
+    devices: int
+    nodes: int
+    on_gpu: bool
+
+
+def process_layout(trainer_cfg: DictConfig) -> ProcessLayout:
+    """The processes the Trainer of `trainer_cfg` will run (Lightning decides `devices: auto` or -1), known
+    before the run is built: its batch, lr, schedule and sync_batchnorm follow them. Found by building a
+    Trainer with the same accelerator, devices, nodes and strategy (cheap: nothing starts before fit)."""
+    arguments = OmegaConf.to_container(trainer_cfg, resolve=True)
+    strategy = arguments.get("strategy", "auto")
+    quiet = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning_fabric", "lightning")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:  # the real Trainer says it all once
+        logger.setLevel(logging.WARNING)
+    try:
+        probe = pl.Trainer(
+            accelerator=arguments.get("accelerator", "auto"),
+            devices=arguments.get("devices", "auto"),
+            num_nodes=arguments.get("num_nodes", 1),
+            strategy=strategy if isinstance(strategy, str) else "auto",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
+    return ProcessLayout(probe.num_devices, probe.num_nodes, isinstance(probe.accelerator, CUDAAccelerator))
+
+
+def trainer_arguments(trainer_cfg: DictConfig) -> dict[str, Any]:
+    """`pytorch_lightning.Trainer` arguments of `cfg.trainer`: precision resolved (and logged), validation
+    cadence in optimiser steps, our own keys left out."""
+    arguments = OmegaConf.to_container(trainer_cfg, resolve=True)
+    precision = arguments.get("precision", "auto")
+    arguments["precision"], why = resolve_precision(precision, str(arguments.get("accelerator", "auto")))
+    if str(precision) == "auto":
+        log.info("trainer.precision=auto -> %s (%s)", arguments["precision"], why)
+    for key in OUR_TRAINER_KEYS:  # read by the entry points, not Trainer arguments
+        arguments.pop(key, None)
+    if arguments.get("sync_batchnorm") == "auto":  # train.py decides it (training/scaling.py); not evaluation
+        arguments["sync_batchnorm"] = False
+    interval = arguments.get("val_check_interval")
+    accumulate = int(arguments.get("accumulate_grad_batches") or 1)
+    if isinstance(interval, int) and not isinstance(interval, bool) and accumulate > 1:
+        # Lightning counts an int val_check_interval in batches; the schedule counts optimiser steps.
+        arguments["val_check_interval"] = interval * accumulate
+    return arguments
 
 
 def build_trainer(trainer_cfg: DictConfig, callbacks: list[pl.Callback], loggers: list[Logger]) -> pl.Trainer:
-    """The Trainer of `cfg.trainer`: precision resolved, the user's plugins merged with ours."""
-    arguments = OmegaConf.to_container(trainer_cfg, resolve=True)
-    precision = arguments.get("precision", "auto")
-    arguments["precision"] = resolve_precision(precision, str(arguments.get("accelerator", "auto")))
-    if str(precision) == "auto":
-        log.info("trainer.precision=auto -> %s", arguments["precision"])
-    for key in OUR_TRAINER_KEYS:  # read by the entry points, not Trainer arguments
-        arguments.pop(key, None)
+    """The Trainer of `cfg.trainer` (`trainer_arguments`), the user's plugins merged with ours."""
+    arguments = trainer_arguments(trainer_cfg)
     plugins = arguments.pop("plugins", None) or []
     plugins = [instantiate_plainly(p) if isinstance(p, Mapping) and "_target_" in p else p for p in plugins]
     if not any(isinstance(p, CheckpointIO) for p in plugins):  # Lightning takes one checkpoint writer

@@ -9,6 +9,7 @@ the JSON, and draws precision-recall curves per class (a PNG in the run folder, 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -26,12 +27,16 @@ from ssd_lightning.training.evaluation import EvaluationResult
 from ssd_lightning.training.module import SSDLitModule
 
 SPLITS = ("val", "test")
+log = logging.getLogger("ssd_lightning")
 
 
 def load_for_inference(cfg: DictConfig) -> SSDLitModule:
     """The module of `cfg.ckpt_path` (a file, or `last`: the newest last.ckpt of the training runs)."""
     ckpt_path = resolve_checkpoint(cfg.ckpt_path, f"{cfg.paths.log_dir}/train")
-    return SSDLitModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    module = SSDLitModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+    if module.loaded_ema_weights:
+        log.info("%s holds EMA weights (callbacks=ema): using the average, not the raw weights", ckpt_path)
+    return module
 
 
 def check_classes(module: SSDLitModule, classes: list[str], where: str) -> None:

@@ -17,6 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.cli.report import configure_console
+from ssd_lightning.training.interruption import RunInterrupted
 from ssd_lightning.training.nonfinite import NonFiniteLossError
 
 T = TypeVar("T")
@@ -28,6 +29,10 @@ WANDB_LOCAL_MODES = ("offline", "disabled", "dryrun")
 
 class ConfigurationError(ValueError):
     """The run cannot start as configured; the message says what to change."""
+
+
+class SweepError(ConfigurationError):
+    """A mistake shared by every job of a sweep: it stops the whole sweep at its first job."""
 
 
 # What each mandatory option (`???` in conf/) takes, for the one-line message when it is missing.
@@ -50,14 +55,16 @@ def check_mandatory(cfg: DictConfig, command: str) -> None:
         )
 
 
-def _in_multirun() -> bool:
+def in_multirun() -> bool:
+    """Whether this is a job of a Hydra multirun (a sweep)."""
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def user_errors_as_messages(command: str) -> Callable[[Callable[[DictConfig], T]], Callable[[DictConfig], T]]:
     """Decorates a Hydra task: a missing mandatory option or a mistake in the configuration or the data
     ends the run with its message and exit status 1, not a traceback. HYDRA_FULL_ERROR=1 shows the
-    traceback; in a multirun the error is raised, so the sweep records it for that job."""
+    traceback; in a multirun the error is raised, so the sweep records it for that job (a SweepError ends
+    the sweep). A run stopped by a signal (after saving its checkpoint) exits with 128 + the signal number."""
 
     def decorate(task: Callable[[DictConfig], T]) -> Callable[[DictConfig], T]:
         @functools.wraps(task)
@@ -66,8 +73,11 @@ def user_errors_as_messages(command: str) -> Callable[[Callable[[DictConfig], T]
             try:
                 check_mandatory(cfg, command)
                 return task(cfg)
+            except RunInterrupted as stop:  # already logged with its checkpoint
+                sys.exit(stop.exit_code)
             except (ValueError, FileNotFoundError, NonFiniteLossError) as error:  # worded for users
-                if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_multirun():
+                stops_sweep = isinstance(error, SweepError) and in_multirun()
+                if not stops_sweep and (os.environ.get("HYDRA_FULL_ERROR") == "1" or in_multirun()):
                     raise
                 log.error("%s", error)
                 sys.exit(1)

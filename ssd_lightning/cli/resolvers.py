@@ -1,8 +1,10 @@
 """OmegaConf resolvers of conf/ (`${ssd.<name>:...}`), registered when `ssd_lightning.cli` is imported.
 
-- `ssd.run_stamp`: the run folder's name. Every process of one SLURM job step or torchrun job gets the same
-  one (they all run the entry point and compose the config themselves), so they share one run folder, and a
-  SLURM job requeued after pre-emption finds its folder (and Lightning's HPC checkpoint) again.
+- `ssd.new_folder`: a run (or sweep) folder of its own. Every process of one SLURM job step or torchrun job
+  gets the same one (they all run the entry point and compose the config themselves), so they share one run
+  folder, and a SLURM job requeued after pre-emption finds its folder again. A plain command gets a new folder
+  named by the time, created at once so that no other launch gets it, and the same one however often it is
+  resolved in this process (Lightning's DDP launcher reads `hydra.run.dir` again to start the other ranks).
 - `ssd.run_dir` / `ssd.hydra_subdir`: resuming (`ckpt_path=`) continues the checkpoint's own run folder.
 - `ssd.pixel_mean` / `ssd.pixel_std`: the input normalisation that the initial weights were trained with.
 - `ssd.reduced_tail`: SSDLite's MobileNetV3 tail, the one the initial weights have (torchvision's rule).
@@ -12,12 +14,15 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from datetime import datetime
+from pathlib import Path
 
 from omegaconf import ListConfig, OmegaConf
 
+from ssd_lightning.training import launch
 from ssd_lightning.training.checkpointing import resolve_checkpoint, run_folder_of
 from ssd_lightning.training.weights import (
     DEFAULT_NORMALIZATION,
@@ -25,26 +30,30 @@ from ssd_lightning.training.weights import (
     mobilenet_reduced_tail,
 )
 
-# SLURM job names of interactive allocations: Lightning does not treat those as SLURM-managed runs either.
-_INTERACTIVE_SLURM_NAMES = ("bash", "interactive")
+TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"
+_claimed: dict[str, str] = {}  # parent folder -> the folder this process took there
 
 
-def _slurm_managed() -> bool:
-    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in _INTERACTIVE_SLURM_NAMES
-
-
-def run_stamp() -> str:
-    """`slurm-<job>[_<array task>]-<step>` under SLURM, `torchrun-<id>` under torchrun, else the time."""
-    if _slurm_managed() and os.environ.get("SLURM_JOB_ID"):
-        job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ["SLURM_JOB_ID"]
-        array_task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        stamp = f"slurm-{job}" + (f"_{array_task}" if array_task else "")
-        return stamp + (f"-{os.environ['SLURM_STEP_ID']}" if os.environ.get("SLURM_STEP_ID") else "")
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        run_id = os.environ["TORCHELASTIC_RUN_ID"]
-        # Without --rdzv-id torchrun says "none": the local agent, parent of all ranks of a node, names it.
-        return f"torchrun-{run_id}" if run_id and run_id != "none" else f"torchrun-{os.getppid()}"
-    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+def new_folder(parent: str) -> str:
+    """`<parent>/<job stamp>` for the processes of a SLURM or torchrun job; else a folder named by the time,
+    created here (`<time>_2`, `<time>_3` ... when another launch took that name first), the same one for every
+    later call in this process."""
+    stamp = launch.job_stamp()
+    if stamp is not None:
+        return f"{parent}/{stamp}"
+    key = os.path.abspath(parent)
+    if key not in _claimed:
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        base = datetime.now().strftime(TIME_FORMAT)
+        for count in itertools.count(1):
+            folder = Path(parent) / (base if count == 1 else f"{base}_{count}")
+            try:
+                folder.mkdir()  # atomic: of two launches only one creates it
+            except FileExistsError:
+                continue
+            _claimed[key] = str(folder)
+            break
+    return _claimed[key]
 
 
 def run_dir(runs: str, ckpt_path: str | None) -> str:
@@ -52,22 +61,22 @@ def run_dir(runs: str, ckpt_path: str | None) -> str:
     last.ckpt under `runs`), else a new one under `runs`."""
     if ckpt_path:
         try:
-            found = resolve_checkpoint(str(ckpt_path), runs)
-        except FileNotFoundError:
+            found = resolve_checkpoint(str(ckpt_path), runs, for_resume=True)
+        except (FileNotFoundError, ValueError):
             found = None  # the run says so itself, with what to do
         folder = run_folder_of(found) if found is not None else None
         if folder is not None:
             return str(folder)
-    return f"{runs}/{run_stamp()}"
+    return new_folder(runs)
 
 
 def hydra_subdir(ckpt_path: str | None) -> str | None:
     """Where Hydra writes the composed config: `.hydra`, `.hydra/resume-<stamp>` when resuming (the run's own
     config stays), nothing in the other processes of a distributed job (rank 0 writes it)."""
-    rank = os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if _slurm_managed() else None)
+    rank = os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if launch.slurm_managed() else None)
     if rank not in (None, "0"):
         return None
-    return f".hydra/resume-{datetime.now():%Y-%m-%d_%H-%M-%S}" if ckpt_path else ".hydra"
+    return f".hydra/resume-{datetime.now():{TIME_FORMAT}}" if ckpt_path else ".hydra"
 
 
 def _normalization(arch: str, backbone_weights: str | None, weights: str | None, weights_source: str | None):
@@ -121,8 +130,9 @@ def strategy(devices: object, num_nodes: object, accelerator: object = "auto") -
 
 def register() -> None:
     """Register the resolvers (again: replacing is harmless, a test may have cleared them)."""
-    OmegaConf.register_new_resolver("ssd.run_stamp", run_stamp, replace=True, use_cache=True)
-    OmegaConf.register_new_resolver("ssd.run_dir", run_dir, replace=True)
+    # Cached per config too: Hydra copies the cache into each job's config (submitit: into other processes).
+    OmegaConf.register_new_resolver("ssd.new_folder", new_folder, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("ssd.run_dir", run_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("ssd.hydra_subdir", hydra_subdir, replace=True, use_cache=True)
     # Cached per arguments: reading the weights' convention may open a file.
     OmegaConf.register_new_resolver("ssd.pixel_mean", pixel_mean, replace=True, use_cache=True)

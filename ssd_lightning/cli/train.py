@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -14,31 +15,43 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
 from ssd_lightning.cli.build import (
+    ProcessLayout,
     build_module,
     build_trainer,
     finish_wandb,
     instantiate_callbacks,
     instantiate_datamodule,
     instantiate_loggers,
+    learning_rate,
+    process_layout,
 )
 from ssd_lightning.cli.preflight import (
     ConfigurationError,
+    SweepError,
     check_accelerator,
     check_resume_compatible,
     check_wandb_login,
+    in_multirun,
     user_errors_as_messages,
 )
 from ssd_lightning.cli.report import format_results, quiet_other_ranks, report, write_json
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
-from ssd_lightning.training.callbacks import TestDetectionsPicture
+from ssd_lightning.data.batch_plan import BatchPlan
+from ssd_lightning.training import launch
+from ssd_lightning.training.callbacks import LastCheckpoint, TestDetectionsPicture
 from ssd_lightning.training.checkpointing import (
-    latest_hpc_checkpoint,
+    CHECKPOINT_FOLDER,
+    LAST_CHECKPOINT,
     load_checkpoint,
+    requeued_checkpoint,
     resolve_checkpoint,
     wandb_run_id,
 )
-from ssd_lightning.training.module import SSDLitModule
+from ssd_lightning.training.ema import EMAWeights
+from ssd_lightning.training.interruption import RunInterrupted, StopOnSignal
+from ssd_lightning.training.module import BEST_PREFIX, SSDLitModule
 from ssd_lightning.training.nonfinite import NonFiniteGuard
+from ssd_lightning.training.scaling import STEP_KEYS, describe_scaling, scale_schedule, wants_sync_batchnorm
 from ssd_lightning.training.weights import (
     check_normalization,
     describe_initialisation,
@@ -51,7 +64,6 @@ from ssd_lightning.training.weights import (
 log = logging.getLogger("ssd_lightning")
 
 METRICS_FILE = "metrics.json"
-BEST_PREFIX = "best/"  # metrics.json: the best value of each validation metric over the run
 PRETRAINED_ARCHS = ("vgg16", "mobilenet_v3_large", "resnet50")
 
 
@@ -101,14 +113,23 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def _checkpoint_to_resume(cfg: DictConfig, output_dir: Path) -> Path | None:
-    """`ckpt_path` as a file; with none given, the HPC checkpoint Lightning wrote in this run folder when
-    SLURM pre-empted it (the requeued job comes back to the same folder)."""
-    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), runs_folder(cfg))
-    if ckpt_path is None:
-        ckpt_path = latest_hpc_checkpoint(output_dir)
-        if ckpt_path is not None:
-            log.info("Requeued run: resuming from %s", ckpt_path)
-    elif str(cfg.ckpt_path) == "last":
+    """The checkpoint this run resumes from: a requeued SLURM job's own, whatever `ckpt_path` says (it is
+    newer than anything the job started from); else `ckpt_path` as a file (`last`: the newest run of this name
+    that no other job may still be training)."""
+    own = requeued_checkpoint(output_dir)
+    if own is not None:
+        given = cfg.get("ckpt_path")
+        log.info(
+            "Requeued SLURM job %s: resuming from its own checkpoint %s%s",
+            launch.slurm_job_id(),
+            own,
+            f" (not ckpt_path={given}, which the job started from)"
+            if given and Path(str(given)) != own
+            else "",
+        )
+        return own
+    ckpt_path = resolve_checkpoint(cfg.get("ckpt_path"), runs_folder(cfg), for_resume=True)
+    if ckpt_path is not None and str(cfg.ckpt_path) == "last":
         log.info("ckpt_path=last: the newest run named %s is %s", cfg.get("run_name"), ckpt_path)
     return ckpt_path
 
@@ -118,6 +139,89 @@ def schedule_name() -> str:
     if HydraConfig.initialized():
         return f"schedule={HydraConfig.get().runtime.choices.get('schedule', '?')}"
     return "schedule"
+
+
+def refuse_selection_on_test(cfg: DictConfig, same_images: bool) -> None:
+    """A sweep whose validation images are the test split would choose its hyperparameters on the test set."""
+    if not same_images or cfg.get("select_on_test") or not in_multirun() or not cfg.get("optimized_metric"):
+        return
+    raise SweepError(
+        f"this sweep would choose hyperparameters on the test images: the validation of "
+        f"dataset={cfg.dataset.name} is its test split, and each job returns its best "
+        f"{cfg.optimized_metric}. "
+        "Validate on images held out from training instead: dataset.val_holdout=0.05 (5% of the training "
+        "images, the same on every run), or another dataset.val_sets / dataset.val_split; or accept it "
+        "knowingly with select_on_test=true"
+    )
+
+
+def follow_the_global_batch(cfg: DictConfig, plan: BatchPlan) -> None:
+    """Say what the run's global batch means for the lr and the schedule, and with `scale_lr=true` make the
+    schedule's step counts follow it (`training/scaling.py`)."""
+    lr = learning_rate(cfg, plan.global_batch)
+    base = cfg.optimizer.get("base_batch_size")
+    if plan.rounded:
+        if cfg.get("scale_lr"):
+            lr_note = (
+                f"lr {lr:g}: optimizer.lr={cfg.optimizer.lr:g} x {plan.global_batch} / {base} (scale_lr)"
+            )
+        else:
+            lr_note = (
+                f"lr {lr:g} as given (optimizer.lr, set for {base} images per step; scale_lr=true scales it)"
+            )
+        accumulated = f" x {plan.accumulate} accumulated batches" if plan.accumulate > 1 else ""
+        log.warning(
+            "dataset.global_batch_size=%d does not divide over %d processes%s: the run takes a global batch "
+            "of %d (%d per device) at %s. To choose: dataset.global_batch_size=<a multiple of %d>, or "
+            "dataset.batch_size=<images per device>",
+            plan.requested,
+            plan.processes,
+            accumulated,
+            plan.global_batch,
+            plan.per_device,
+            lr_note,
+            plan.processes * plan.accumulate,
+        )
+    written_for = cfg.schedule.get("global_batch_size")
+    if not written_for or int(written_for) == plan.global_batch:
+        return
+    factor = int(written_for) / plan.global_batch
+    if cfg.get("scale_lr"):
+        before = OmegaConf.to_container(cfg.schedule, resolve=True)
+        after = scale_schedule(before, factor)
+        changes = describe_scaling(before, after)
+        if changes:
+            for key in STEP_KEYS:
+                cfg.schedule[key] = after[key]
+            log.info(
+                "scale_lr: the schedule counts steps of %d images; at %d per step: %s (the recipe's epochs)",
+                written_for,
+                plan.global_batch,
+                changes,
+            )
+        return
+    log.warning(
+        "The schedule (%s) counts steps of %d images; this run takes %d per step, so its steps cover %.3gx "
+        "the recipe's epochs at optimizer.lr=%g as given. scale_lr=true scales the lr and the step counts "
+        "with the global batch",
+        schedule_name(),
+        written_for,
+        plan.global_batch,
+        1 / factor,
+        lr,
+    )
+
+
+def decide_sync_batchnorm(
+    cfg: DictConfig, module: SSDLitModule, plan: BatchPlan, layout: ProcessLayout
+) -> None:
+    """`trainer.sync_batchnorm: auto` decided for this network and batch (logged)."""
+    if str(cfg.trainer.get("sync_batchnorm", False)) != "auto":
+        return
+    wanted, why = wants_sync_batchnorm(module.net, plan.processes, plan.per_device, layout.on_gpu)
+    cfg.trainer.sync_batchnorm = wanted
+    if plan.processes > 1:
+        log.info("trainer.sync_batchnorm=auto -> %s (%s)", str(wanted).lower(), why)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -132,6 +236,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = instantiate_datamodule(cfg)
     same_images = datamodule.validation_is_test()
+    refuse_selection_on_test(cfg, same_images)
     skip = ()
     if same_images and cfg.get("callbacks") and cfg.callbacks.get("best_checkpoint"):
         skip = ("best_checkpoint",)
@@ -139,39 +244,61 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "Validation and test are the same images here: no best checkpoint is kept (nothing is selected "
             "on the test split); hold out validation images with dataset.val_holdout=0.05 to select one"
         )
+    layout = process_layout(cfg.trainer)
+    plan = datamodule.resolve_batch_size(
+        layout.devices, layout.nodes, int(cfg.trainer.accumulate_grad_batches)
+    )
+    follow_the_global_batch(cfg, plan)
+    module = build_module(cfg, datamodule, plan.global_batch)
+    module.track_best_validation = not same_images or bool(cfg.get("select_on_test"))
+    decide_sync_batchnorm(cfg, module, plan, layout)
     run_id = None
     checkpoint = None
     if ckpt_path is not None:
         checkpoint = load_checkpoint(ckpt_path)
         run_id = wandb_run_id(checkpoint)
     loggers = instantiate_loggers(cfg.get("logger"), wandb_run_id=run_id)
+    interrupted: RunInterrupted | None = None
+    owns_folder = False
     try:
         callbacks = instantiate_callbacks(cfg.get("callbacks"), skip)
         if not loggers:  # the lr monitor writes to loggers only (train/lr is still in metrics.json)
             callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        check_every = int(cfg.trainer.get("log_every_n_steps", 50))
         callbacks.append(
             NonFiniteGuard(
                 cfg.trainer.get("on_nonfinite", "stop"),
                 int(cfg.trainer.get("nonfinite_skip_limit", 10)),
-                check_every_n_steps=int(cfg.trainer.get("log_every_n_steps", 50)),
+                check_every_n_steps=check_every,
+            )
+        )
+        last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+        callbacks.append(
+            StopOnSignal(
+                Path(last.dirpath if last else output_dir / CHECKPOINT_FOLDER) / LAST_CHECKPOINT,
+                check_every_n_steps=check_every,
+                requeue_signal=signal.SIGUSR1 if launch.slurm_job_id() else None,
             )
         )
         trainer = build_trainer(cfg.trainer, callbacks, loggers)
-        datamodule.resolve_batch_size(trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches)
-        module = build_module(cfg, datamodule, datamodule.resolved_global_batch_size)
         if checkpoint is None:
             initialise_weights(cfg, module)
         else:
             check_resume_compatible(checkpoint, module, ckpt_path)
             checkpoint = None  # Lightning reads it again with the training state
             log.info("Resuming from %s", ckpt_path)
+        if trainer.is_global_zero:
+            launch.claim(output_dir)
+            owns_folder = True
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         # Checkpoints hold the training state (optimiser, loops, callbacks), not only tensors.
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+        except RunInterrupted as stop:
+            interrupted = stop
         except ValueError as error:
             if "`val_check_interval`" not in str(error):
                 raise
@@ -181,7 +308,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 "epochs add schedule=quick (then trainer.max_epochs=N trainer.check_val_every_n_epoch=M)"
             ) from error
         metrics = _scalars(trainer.callback_metrics)
-        metrics.update({f"{BEST_PREFIX}{k}": v for k, v in module.best_validation.items()})
+        if module.track_best_validation:
+            metrics.update({f"{BEST_PREFIX}{k}": v for k, v in module.best_validation.items()})
+        else:  # logged nowhere: nothing is "best" on the test images
+            metrics = {k: v for k, v in metrics.items() if not k.startswith(BEST_PREFIX)}
+        if interrupted is not None:
+            metrics["step"] = trainer.global_step
+            write_json(output_dir / METRICS_FILE, metrics)
+            log.error("%s", interrupted)
+            raise interrupted
         # Per-class tables need the evaluation in this process (not the case with ddp_spawn).
         if module.last_evaluation is not None:
             report(format_results(module.last_evaluation, "Last validation:"))
@@ -198,6 +333,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     source = "final weights; validation used the same images, so nothing was selected on them"
                 else:
                     source = "final weights"
+                if any(isinstance(c, EMAWeights) for c in trainer.callbacks):
+                    source += ", EMA weights"
                 report(format_results(module.last_evaluation, f"Test ({source}):"))
         metrics["step"] = trainer.global_step
         write_json(output_dir / METRICS_FILE, metrics)
@@ -215,6 +352,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return metrics
     finally:
         finish_wandb(loggers)
+        # A requeued job comes back to this folder: it stays the job's.
+        if owns_folder and not (interrupted is not None and interrupted.requeued):
+            launch.release(output_dir)
 
 
 def optimized_value(metrics: dict[str, float], name: str | None) -> float | None:

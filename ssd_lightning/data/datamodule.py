@@ -18,6 +18,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from .base import DatasetError, DetectionDataset, ImageFolderDataset, Problem, Target
+from .batch_plan import BatchPlan, plan_batch
 from .coco import COCODetection, check_coco_root, coco_annotation_file, read_coco_json, resolve_coco_classes
 from .shapes import SHAPE_CLASSES, OnlineShapesDataset, default_shapes_root, ensure_shapes_dataset
 from .transforms import DetectionTransform, build_eval_transform, build_train_transform
@@ -182,7 +183,7 @@ class DetectionDataModule(pl.LightningDataModule):
         # Per device; until resolve_batch_size knows the devices, the batch of one process.
         self.batch_size = int(batch_size) if batch_size is not None else self.global_batch_size
         self.per_device_batch_given = batch_size is not None
-        self._batch_resolved = False
+        self.batch_plan: BatchPlan | None = None  # once the processes are known (resolve_batch_size)
         self.resolved_global_batch_size: int | None = None  # images per optimiser step, once resolved
         if not 0.0 <= float(val_holdout) < 1.0:
             raise ValueError(f"dataset.val_holdout must be a fraction in [0, 1), got {val_holdout}")
@@ -334,38 +335,27 @@ class DetectionDataModule(pl.LightningDataModule):
 
     def resolve_batch_size(
         self, num_devices: int = 1, num_nodes: int = 1, accumulate: int = 1, training: bool = True
-    ) -> int:
-        """Set and return the per-device batch for `num_devices` x `num_nodes` processes that accumulate
-        `accumulate` batches per optimiser step (logged once). Evaluation only (`training=False`) rounds
-        a global batch that does not divide up instead of failing."""
-        processes = num_devices * num_nodes * accumulate
-        parts = [f"{num_nodes} nodes"] if num_nodes > 1 else []
-        parts.append(f"{num_devices} device{'s' if num_devices > 1 else ''}")
-        parts += [f"{accumulate} accumulated batches"] if accumulate > 1 else []
-        if self.per_device_batch_given:
-            per_device = self.batch_size
-            total = per_device * processes
-            source = "dataset.batch_size per device"
-        else:
-            assert self.global_batch_size is not None
-            if self.global_batch_size % processes and training:
-                raise ValueError(
-                    f"dataset.global_batch_size={self.global_batch_size} does not divide over "
-                    f"{' x '.join(parts)} = {processes}; choose a multiple of {processes} "
-                    f"(e.g. {processes * max(1, self.global_batch_size // processes)}), or fix the batch "
-                    "per device with dataset.batch_size=N"
-                )
-            per_device = -(-self.global_batch_size // processes)  # ceil: exact when it divides
-            total = per_device * processes
-            source = "dataset.global_batch_size"
-        if not self._batch_resolved:
-            rank_zero_info(f"global batch {total} = {' x '.join(parts)} x {per_device} images ({source})")
-        self.batch_size, self.resolved_global_batch_size, self._batch_resolved = per_device, total, True
-        return per_device
+    ) -> BatchPlan:
+        """Set the per-device batch for `num_devices` x `num_nodes` processes that accumulate `accumulate`
+        batches per optimiser step and return the plan (logged once). A global batch that does not divide
+        over them is rounded (see `plan_batch`; evaluation only, `training=False`, rounds up)."""
+        plan = plan_batch(
+            None if self.per_device_batch_given else self.global_batch_size,
+            self.batch_size if self.per_device_batch_given else None,
+            num_devices,
+            num_nodes,
+            accumulate,
+            round_up=not training,
+        )
+        if self.batch_plan is None:
+            rank_zero_info(plan.describe())
+        self.batch_plan = plan
+        self.batch_size, self.resolved_global_batch_size = plan.per_device, plan.global_batch
+        return plan
 
     def setup(self, stage: str | None = None) -> None:
         """Build (and validate) the datasets ``stage`` needs; any data problem raises here."""
-        if self.trainer is not None and not self._batch_resolved:
+        if self.trainer is not None and self.batch_plan is None:
             trainer = self.trainer
             self.resolve_batch_size(
                 trainer.num_devices,
@@ -382,6 +372,22 @@ class DetectionDataModule(pl.LightningDataModule):
                     transform.reseed(
                         _derive_seed(torch.initial_seed(), self._rank(), (*SPLITS, "predict").index(split))
                     )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: where the training augmentation's random stream stands in this process (what
+        loads batches with `num_workers=0`; workers derive theirs from the restored global generators)."""
+        transform = getattr(self.datasets.get("train"), "transform", None)
+        return (
+            {"train_augmentation": transform.random_state()}
+            if isinstance(transform, DetectionTransform)
+            else {}
+        )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning calls it when resuming, after `setup` built the datasets."""
+        transform = getattr(self.datasets.get("train"), "transform", None)
+        if isinstance(transform, DetectionTransform):
+            transform.set_random_state(state_dict.get("train_augmentation", {}))
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0

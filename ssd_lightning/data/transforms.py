@@ -317,6 +317,7 @@ class DetectionTransform:
         )
         self._seed: int | None = None
         self._pid = os.getpid()
+        self._streams: tuple[np.random.Generator, random.Random] | None = None
 
     def reseed(self, seed: int) -> None:
         """Give the whole pipeline one random stream seeded with ``seed`` (e.g. per split and rank); a
@@ -328,7 +329,25 @@ class DetectionTransform:
         self._set_stream(self._seed)
 
     def _set_stream(self, seed: int) -> None:
-        self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        self._streams = (np.random.default_rng(seed), random.Random(seed))
+        self.pipeline.set_random_state(*self._streams)
+
+    def random_state(self) -> dict[str, Any]:
+        """Where this process's random stream stands (plain types: a checkpoint keeps it); None before any
+        `reseed`."""
+        if self._streams is None:
+            return {}
+        numpy, python = self._streams
+        return {"numpy": numpy.bit_generator.state, "python": python.getstate()}
+
+    def set_random_state(self, state: dict[str, Any]) -> None:
+        """Continue the stream where `random_state` left it (a resumed run draws what it would have drawn)."""
+        if not state or self._streams is None:
+            return
+        numpy, python = self._streams
+        numpy.bit_generator.state = state["numpy"]
+        version, internal, gauss = state["python"]
+        python.setstate((version, tuple(internal), gauss))
 
     def __call__(self, image: np.ndarray, target: Target) -> tuple[torch.Tensor, Target]:
         # First call in a new (worker) process: its copy of the stream is the parent's, the same in every

@@ -10,10 +10,10 @@ import torch
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from ssd_lightning.training import launch
 from ssd_lightning.training.module import WANDB_RUN_ID_KEY
 
 LAST_CHECKPOINT = "last.ckpt"
-HPC_CHECKPOINT_PREFIX = "hpc_ckpt_"  # Lightning's SLURM pre-emption checkpoints, in the run folder
 CHECKPOINT_FOLDER = "checkpoints"  # <run folder>/checkpoints/ (conf/callbacks/default.yaml)
 
 
@@ -41,8 +41,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             partial.unlink(missing_ok=True)
 
 
-def find_last_checkpoint(search_dir: str | os.PathLike) -> Path:
-    """The most recently written `last.ckpt` under `search_dir`."""
+def find_last_checkpoint(search_dir: str | os.PathLike, for_resume: bool = False) -> Path:
+    """The most recently written `last.ckpt` under `search_dir`.
+
+    `for_resume`: a requeued SLURM job takes its own run's, and the newest run is refused while another job
+    may still be training it (its `owner.json`), rather than two jobs writing one run folder."""
     root = Path(search_dir)
     candidates = list(root.rglob(LAST_CHECKPOINT))
     if not candidates:
@@ -50,7 +53,38 @@ def find_last_checkpoint(search_dir: str | os.PathLike) -> Path:
             f"ckpt_path=last: no {LAST_CHECKPOINT} under {root}; pass the checkpoint file instead, "
             "e.g. ckpt_path=outputs/train/runs/<name>/<time>/checkpoints/last.ckpt"
         )
-    return max(candidates, key=lambda path: path.stat().st_mtime)
+    newest = max(candidates, key=lambda path: path.stat().st_mtime)
+    if not for_resume:
+        return newest
+    me = launch.this_process()
+    if launch.requeued():
+        own = [c for c in candidates if _owner(c) is not None and _owner(c).slurm_job == me.slurm_job]
+        if own:
+            return max(own, key=lambda path: path.stat().st_mtime)
+    owner = _owner(newest)
+    if launch.may_be_training(owner, me):
+        folder = run_folder_of(newest) or newest.parent
+        raise ValueError(
+            f"ckpt_path=last: the newest run, {folder}, may still be training ({owner} holds "
+            f"{folder / launch.OWNER_FILE}); two jobs must not write one run. To resume it anyway once that "
+            f"job has ended, pass its checkpoint: ckpt_path={newest}"
+        )
+    return newest
+
+
+def _owner(checkpoint: Path) -> launch.Owner | None:
+    folder = run_folder_of(checkpoint)
+    return launch.read_owner(folder) if folder is not None else None
+
+
+def requeued_checkpoint(run_folder: str | os.PathLike) -> Path | None:
+    """The `last.ckpt` this SLURM job wrote in `run_folder` before it was requeued, if any: what the job
+    resumes from whatever `ckpt_path` says."""
+    path = Path(run_folder) / CHECKPOINT_FOLDER / LAST_CHECKPOINT
+    if not launch.requeued() or not path.is_file():
+        return None
+    owner = launch.read_owner(run_folder)
+    return path if owner is not None and owner.slurm_job == launch.slurm_job_id() else None
 
 
 def run_folder_of(checkpoint: str | os.PathLike) -> Path | None:
@@ -59,29 +93,21 @@ def run_folder_of(checkpoint: str | os.PathLike) -> Path | None:
     return path.parent.parent if path.parent.name == CHECKPOINT_FOLDER else None
 
 
-def resolve_checkpoint(ckpt_path: str | None, search_dir: str | os.PathLike) -> Path | None:
+def resolve_checkpoint(
+    ckpt_path: str | None, search_dir: str | os.PathLike, for_resume: bool = False
+) -> Path | None:
     """`ckpt_path` from the config as a file: None stays None, `last` means the newest last.ckpt under
-    `search_dir`."""
+    `search_dir` (see `find_last_checkpoint` for `for_resume`)."""
     if ckpt_path is None:
         return None
     if str(ckpt_path) == "last":
-        return find_last_checkpoint(search_dir)
+        return find_last_checkpoint(search_dir, for_resume)
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
             f"ckpt_path={ckpt_path}: no such checkpoint file (looked at {path.resolve()})"
         )
     return path
-
-
-def latest_hpc_checkpoint(run_folder: str | os.PathLike) -> Path | None:
-    """The newest `hpc_ckpt_<N>.ckpt` Lightning saved in `run_folder` when SLURM signalled pre-emption."""
-    found = [
-        (int(p.stem.rpartition("_")[2]), p)
-        for p in Path(run_folder).glob(f"{HPC_CHECKPOINT_PREFIX}*.ckpt")
-        if p.stem.rpartition("_")[2].isdigit()
-    ]
-    return max(found)[1] if found else None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from ssd_lightning.data.transforms import normalize_images
 from ssd_lightning.loss import MultiBoxLoss
 from ssd_lightning.models import build_ssd
+from ssd_lightning.training.ema import holds_ema_weights
 from ssd_lightning.training.evaluation import (
     DetectionEvaluator,
     EvaluationResult,
@@ -29,6 +30,7 @@ OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
 
 WANDB_RUN_ID_KEY = "wandb_run_id"
+BEST_PREFIX = "best/"  # logged metrics and metrics.json: the best value of each validation metric so far
 BEST_VALIDATION_KEY = "best_validation"
 RNG_STATES_KEY = "rng_states"
 
@@ -98,8 +100,12 @@ class SSDLitModule(pl.LightningModule):
         self.val_evaluator = DetectionEvaluator(self.class_names)
         self.test_evaluator = DetectionEvaluator(self.class_names)
         self.last_evaluation: EvaluationResult | None = None
-        # Best value of each validation scalar so far (what a sweep optimises), kept in checkpoints.
+        # Best value of each validation scalar so far (what a sweep optimises), kept in checkpoints and logged
+        # as best/val/<name> (so that it also reaches the main process of ddp_spawn). train.py turns it off
+        # when validation is the test split: a best value there would be selected on the test images.
         self.best_validation: dict[str, float] = {}
+        self.track_best_validation = True
+        self.loaded_ema_weights = False  # set when a checkpoint's state_dict was an EMA average
         # Set by NonFiniteGuard: keep each step's loss terms and largest predictions (device tensors).
         self.record_step_stats = False
         self.step_stats: dict[str, Tensor] = {}
@@ -183,10 +189,13 @@ class SSDLitModule(pl.LightningModule):
         evaluator.reset()
         if not self.trainer.sanity_checking:  # a couple of batches only: not a result to report
             self.last_evaluation = result
-            if stage == "val":
+            if stage == "val" and self.track_best_validation:
                 for key, value in result.scalars().items():
                     name = f"val/{key}"
                     self.best_validation[name] = max(value, self.best_validation.get(name, float("-inf")))
+                self.log_dict(
+                    {f"{BEST_PREFIX}{k}": v for k, v in self.best_validation.items()}, sync_dist=True
+                )
         # Values are already synced across ranks by the metrics; sync_dist only averages equal numbers.
         self.log_dict({f"{stage}/{k}": v for k, v in result.scalars().items()}, sync_dist=True)
         self.log_dict(
@@ -244,6 +253,7 @@ class SSDLitModule(pl.LightningModule):
         checkpoint[RNG_STATES_KEY] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loaded_ema_weights = holds_ema_weights(checkpoint)
         self.best_validation = dict(checkpoint.get(BEST_VALIDATION_KEY, {}))
         if RNG_STATES_KEY in checkpoint:
             restore_rng_states(checkpoint[RNG_STATES_KEY])

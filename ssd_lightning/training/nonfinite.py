@@ -4,6 +4,10 @@ The checks stay on the device (flags and counters updated with tensor ops); the 
 `check_every_n_steps` steps, before a checkpoint is written and before validation, so no training step
 waits for the GPU. What the report needs from the host side (image ids, learning rate) is kept for the
 steps since the last read.
+
+Under DDP a step is bad on every rank when it is bad on one (a one-number all-reduce on the device each step),
+so all ranks undo the same steps and stop at the same check: one rank never stops while the others wait for
+it in the next collective.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import Tensor
+
+from ssd_lightning.training.distributed import all_ranks_max, all_ranks_values
 
 MODES = ("stop", "skip")
 _STATS = ("loss_loc", "loss_conf", "loc_absmax", "conf_absmax")
@@ -68,6 +74,7 @@ class NonFiniteGuard(pl.Callback):
     def _reset_state(self, device: torch.device) -> None:
         self._state = {
             "first_step": torch.full((), -1, dtype=torch.long, device=device),
+            "local_first_step": torch.full((), -1, dtype=torch.long, device=device),  # this rank's own
             "first_stats": torch.zeros(len(_STATS), device=device),
             "bad_steps": torch.zeros((), dtype=torch.long, device=device),
             "run": torch.zeros((), dtype=torch.long, device=device),
@@ -105,8 +112,12 @@ class NonFiniteGuard(pl.Callback):
             ]
             if grads:
                 finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
-        bad = ~finite
+        local_bad = ~finite
+        bad = all_ranks_max(local_bad.long()).bool()  # the same decision on every rank
+        finite = ~bad
         state = self._state
+        own = local_bad & (state["local_first_step"] < 0)
+        state["local_first_step"] = torch.where(own, trainer.global_step, state["local_first_step"])
         take = bad & (state["first_step"] < 0)
         state["first_step"] = torch.where(take, trainer.global_step, state["first_step"])
         state["first_stats"] = torch.where(take, values, state["first_stats"])
@@ -168,8 +179,11 @@ class NonFiniteGuard(pl.Callback):
         stats = dict(zip(_STATS, self._state["first_stats"].tolist(), strict=True))
         record = self._first_record or next((h for h in self._history if h["step"] == step), None)
         bad_terms = [name for name in ("loss_loc", "loss_conf") if not math.isfinite(stats[name])]
+        firsts = all_ranks_values(self._state["local_first_step"]).tolist()
+        ranks = [rank for rank, first in enumerate(firsts) if first == step]
+        where = f" on rank {', '.join(map(str, ranks))} of {len(firsts)}" if len(firsts) > 1 and ranks else ""
         lines = [
-            f"Non-finite training loss or gradient at step {step}"
+            f"Non-finite training loss or gradient at step {step}{where}"
             + (f" (epoch {record['epoch'] + 1})" if record else "")
             + f": {what}.",
             f"  loss_loc={stats['loss_loc']:.4g} loss_conf={stats['loss_conf']:.4g}: "
@@ -177,6 +191,8 @@ class NonFiniteGuard(pl.Callback):
                 f"{' and '.join(bad_terms)} went bad"
                 if bad_terms
                 else "the losses were finite, a gradient was not"
+                if not where or trainer.global_rank in ranks
+                else f"finite on rank {trainer.global_rank}: the log of the rank(s) above shows their batch"
             ),
             f"  largest |loc| prediction {stats['loc_absmax']:.4g}, "
             f"largest |class logit| {stats['conf_absmax']:.4g}",

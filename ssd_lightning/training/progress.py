@@ -7,8 +7,10 @@ progress-bar API lets a plain logging callback take the bar's place there.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -18,13 +20,15 @@ log = logging.getLogger("ssd_lightning.progress")
 
 
 class ProgressLog(ProgressBar):
-    """One log line at most every `interval_s` seconds: stage, epoch, step of the epoch, rate, metrics."""
+    """One log line at most every `interval_s` seconds: stage, epoch, step of the epoch, rate, metrics. The
+    first step of a run always has its line. `clock` gives seconds (tests pass their own)."""
 
-    def __init__(self, interval_s: float = 30.0) -> None:
+    def __init__(self, interval_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.interval_s = interval_s
+        self.clock = clock
         self._enabled = True
-        self._last = 0.0
+        self._last = -math.inf
         self._start = 0.0
         self._start_step = 0
 
@@ -35,12 +39,12 @@ class ProgressLog(ProgressBar):
         self._enabled = True
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start, self._start_step = time.monotonic(), 0
+        self._start, self._start_step = self.clock(), 0
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        now = time.monotonic()
+        now = self.clock()
         if not self._enabled or now - self._last < self.interval_s:
             return
         self._last = now
@@ -69,8 +73,10 @@ class ProgressLog(ProgressBar):
             log.info("testing")
 
 
-def progress_bar(refresh_rate: int = 10, interval_s: float = 30.0) -> ProgressBar:
+def progress_bar(
+    refresh_rate: int = 10, interval_s: float = 30.0, clock: Callable[[], float] = time.monotonic
+) -> ProgressBar:
     """tqdm's bar when the console is a terminal, else a `ProgressLog` line every `interval_s` seconds."""
     if sys.stderr.isatty():
         return TQDMProgressBar(refresh_rate=refresh_rate)
-    return ProgressLog(interval_s)
+    return ProgressLog(interval_s, clock)

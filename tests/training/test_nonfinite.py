@@ -1,15 +1,20 @@
 """A non-finite loss stops the run with a report that says where and why (or its step is undone and counted),
-checked on the device and read only every few steps and before checkpoints."""
+checked on the device and read only every few steps and before checkpoints; under DDP every rank takes the
+same decision, whichever rank saw the bad loss."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from training_helpers import compose_config
+from probes import PROBES_DIR
+from training_helpers import compose_config, run_script
 
 from ssd_lightning.cli.train import train
 from ssd_lightning.training.nonfinite import NonFiniteLossError
@@ -92,3 +97,44 @@ def test_too_many_skipped_steps_in_a_row_stop_the_run(fast: list[str], tmp_path:
     ) as caught:
         run(fast, tmp_path, [2, 3, 4], "trainer.on_nonfinite=skip", "trainer.nonfinite_skip_limit=3")
     assert len([line for line in str(caught.value).splitlines() if line.startswith("    image ")]) == 4
+
+
+def ddp_run(fast: list[str], tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """2 gloo ranks; rank 1 alone sees a NaN loss at step 2 (its gradients stay finite)."""
+    single = [a for a in fast if not a.startswith(("trainer.devices", "trainer.accelerator"))]
+    run_dir = tmp_path / "run"
+    args = [
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        *single,
+        "+callbacks.poison._target_=probes.PoisonLossOnRank",
+        "+callbacks.poison.rank=1",
+        "+callbacks.poison.steps=[2]",
+        "test=false",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+    env = {"PYTHONPATH": os.pathsep.join([str(PROBES_DIR), os.environ.get("PYTHONPATH", "")])}
+    # A rank that stopped alone would leave the other waiting for it: the timeout bounds the test.
+    return run_script("train.py", args, cwd=tmp_path, env=env, timeout=300), run_dir
+
+
+@pytest.mark.timeout(600)
+def test_under_ddp_one_rank_s_bad_loss_stops_every_rank(fast: list[str], tmp_path: Path) -> None:
+    result, _ = ddp_run(fast, tmp_path, "trainer.log_every_n_steps=1")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Non-finite training loss or gradient at step 2 on rank 1 of 2" in output
+    assert "loss_loc=nan" in output  # rank 1's own report names its loss
+    assert "finite on rank 0" in output  # rank 0's says the batch to look at is rank 1's
+
+
+@pytest.mark.timeout(600)
+def test_under_ddp_one_rank_s_bad_step_is_undone_on_every_rank(fast: list[str], tmp_path: Path) -> None:
+    result, run_dir = ddp_run(fast, tmp_path, "trainer.on_nonfinite=skip", "trainer.log_every_n_steps=1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    weights = [torch.load(run_dir / f"weights_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert torch.equal(weights[0], weights[1])  # both ranks undid step 2: they never drifted apart
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train/nonfinite_steps"] == 1

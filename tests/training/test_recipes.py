@@ -13,7 +13,13 @@ from omegaconf import OmegaConf
 from training_helpers import check_ok, compose_config, run_script
 
 from ssd_lightning import build_ssd, generate_priors, prior_preset
-from ssd_lightning.cli.build import build_module, build_trainer, instantiate_datamodule, optimizer_factory
+from ssd_lightning.cli.build import (
+    build_module,
+    build_trainer,
+    instantiate_datamodule,
+    optimizer_factory,
+    trainer_arguments,
+)
 from ssd_lightning.cli.build import resolve_precision as precision_for
 from ssd_lightning.data import DetectionDataModule
 
@@ -175,24 +181,51 @@ def test_every_experiment_leaves_precision_to_the_hardware(experiment: str, tmp_
 
 
 @pytest.mark.parametrize(
-    ("cuda", "bf16", "accelerator", "expected"),
+    ("cuda", "capability", "accelerator", "expected"),
     [
-        (True, True, "gpu", "bf16-mixed"),  # Ampere and newer
-        (True, False, "gpu", "16-mixed"),  # Volta, Turing
-        (True, True, "auto", "bf16-mixed"),
-        (True, True, "cuda", "bf16-mixed"),
-        (True, True, "cpu", "32-true"),  # a GPU machine told to use its CPU
-        (False, False, "auto", "32-true"),
-        (False, False, "cpu", "32-true"),
+        (True, (8, 0), "gpu", "bf16-mixed"),  # A100: bf16 tensor cores
+        (True, (9, 0), "auto", "bf16-mixed"),  # H100
+        (True, (8, 6), "cuda", "bf16-mixed"),  # RTX 30xx
+        (True, (7, 5), "gpu", "16-mixed"),  # T4: bf16 only emulated
+        (True, (7, 0), "auto", "16-mixed"),  # V100
+        (True, (8, 0), "cpu", "32-true"),  # a GPU machine told to use its CPU
+        (False, None, "auto", "32-true"),
+        (False, None, "cpu", "32-true"),
     ],
 )
-def test_auto_precision_follows_the_hardware(
-    cuda: bool, bf16: bool, accelerator: str, expected: str, monkeypatch: pytest.MonkeyPatch
+def test_auto_precision_is_bf16_only_where_the_gpu_computes_it(
+    cuda: bool,
+    capability: tuple[int, int] | None,
+    accelerator: str,
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
-    assert precision_for("auto", accelerator) == expected
-    assert precision_for("16-mixed", accelerator) == "16-mixed"  # an explicit value wins
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla")
+    # torch's own check counts emulated bf16 as support on every GPU: it must not decide.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    precision, why = precision_for("auto", accelerator)
+    assert precision == expected
+    if expected == "16-mixed":
+        assert f"compute capability {capability[0]}.{capability[1]}: no native bf16" in why
+    assert precision_for("16-mixed", accelerator)[0] == "16-mixed"  # an explicit value wins
+
+
+def test_the_precision_decision_is_logged_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla V100-SXM2-32GB")
+    cfg = compose_config("train", [], tmp_path)
+    with caplog.at_level(logging.INFO, logger="ssd_lightning"):
+        arguments = trainer_arguments(cfg.trainer)
+    assert arguments["precision"] == "16-mixed"
+    assert (
+        "trainer.precision=auto -> 16-mixed (Tesla V100-SXM2-32GB, compute capability 7.0: no native bf16"
+        in caplog.text
+    )
 
 
 def test_the_built_trainer_gets_the_resolved_precision(
@@ -231,22 +264,45 @@ def test_the_global_batch_is_kept_on_any_number_of_devices(
 ) -> None:
     data = datamodule(shapes_root, global_batch_size=32)
     with caplog.at_level(logging.INFO):
-        assert data.resolve_batch_size(devices, nodes, accumulate) == per_device
+        assert data.resolve_batch_size(devices, nodes, accumulate).per_device == per_device
     assert data.batch_size == per_device and data.resolved_global_batch_size == 32
     assert message in caplog.text
 
 
-def test_a_global_batch_that_does_not_divide_names_both_numbers(shapes_root: Path) -> None:
-    with pytest.raises(ValueError, match=r"global_batch_size=32 does not divide over 3 devices = 3"):
-        datamodule(shapes_root, global_batch_size=32).resolve_batch_size(3)
-    # Evaluation alone rounds up instead: every image is still evaluated once.
-    assert datamodule(shapes_root, global_batch_size=32).resolve_batch_size(3, training=False) == 11
+@pytest.mark.parametrize(
+    ("global_batch", "devices", "per_device", "rounded"),
+    [
+        (32, 3, 11, 33),  # 33 is nearer 32 than 30
+        (32, 5, 6, 30),  # 30 is nearer than 35
+        (32, 64, 1, 64),  # one image per device at least
+        (100, 8, 13, 104),  # a tie (96 or 104): the larger
+    ],
+)
+def test_a_global_batch_that_does_not_divide_is_rounded_and_says_so(
+    global_batch: int,
+    devices: int,
+    per_device: int,
+    rounded: int,
+    shapes_root: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = datamodule(shapes_root, global_batch_size=global_batch)
+    with caplog.at_level(logging.INFO):
+        plan = data.resolve_batch_size(devices)
+    assert (plan.per_device, plan.global_batch, plan.rounded) == (per_device, rounded, True)
+    assert data.batch_size == per_device and data.resolved_global_batch_size == rounded
+    assert f"global batch {rounded} = {devices} devices x {per_device} images" in caplog.text
+    assert f"dataset.global_batch_size={global_batch} rounded" in caplog.text
+    # Evaluation alone rounds up: every image is still evaluated once, the batch's size is all it changes.
+    assert (
+        datamodule(shapes_root, global_batch_size=32).resolve_batch_size(3, training=False).per_device == 11
+    )
 
 
 def test_the_per_device_batch_stays_available(shapes_root: Path, caplog: pytest.LogCaptureFixture) -> None:
     data = datamodule(shapes_root, global_batch_size=32, batch_size=6)
     with caplog.at_level(logging.INFO):
-        assert data.resolve_batch_size(4) == 6
+        assert data.resolve_batch_size(4).per_device == 6
     assert data.resolved_global_batch_size == 24 and "global batch 24 = 4 devices x 6 images" in caplog.text
 
 

@@ -1,15 +1,18 @@
 """Safe resume: a resumed run continues in its own folder (checkpoints, logs, best-k bookkeeping), `last` only
-looks at runs of the same name, every process of a SLURM / torchrun job shares one folder, a SLURM job
-requeued after pre-emption resumes in place from Lightning's HPC checkpoint, and the random generators
-continue where they were."""
+looks at runs of the same name and never at one another job may be training, every process of a SLURM /
+torchrun job shares one folder, a SLURM job pre-empted at a step boundary is requeued and resumes its own run
+whatever `ckpt_path` says, and the random generators continue where they were."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import os
 import random
 import signal
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from script_runs import run_script, start_script
 from training_helpers import check_ok, compose_config
 
 from ssd_lightning.cli import resolvers
+from ssd_lightning.training import launch
+from ssd_lightning.training.checkpointing import find_last_checkpoint, requeued_checkpoint
 from ssd_lightning.training.rng import restore_rng_states, rng_states
 
 STEPS_PER_EPOCH = 6  # 24 training images, batch 4
@@ -101,19 +106,19 @@ SLURM = {
 def test_every_process_of_a_job_gets_the_same_folder(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in SLURM.items():
         monkeypatch.setenv(name, value)
-    assert resolvers.run_stamp() == "slurm-4242-0"  # no clock in it: all ranks, and the requeued job
+    assert launch.job_stamp() == "slurm-4242-0"  # no clock in it: all ranks, and the requeued job
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "17")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
-    assert resolvers.run_stamp() == "slurm-17_3-0"
+    assert launch.job_stamp() == "slurm-17_3-0"
     assert resolvers.hydra_subdir(None) == ".hydra"
     monkeypatch.setenv("SLURM_PROCID", "5")
     assert resolvers.hydra_subdir(None) is None  # only rank 0 writes the config
     for name in (*SLURM, "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(name)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
-    assert resolvers.run_stamp() == "torchrun-job7"
+    assert launch.job_stamp() == "torchrun-job7"
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun without --rdzv-id: the local agent's id
-    assert resolvers.run_stamp() == f"torchrun-{os.getppid()}"
+    assert launch.job_stamp() == f"torchrun-{os.getppid()}"
     monkeypatch.setenv("RANK", "1")
     assert resolvers.hydra_subdir(None) is None
 
@@ -121,15 +126,17 @@ def test_every_process_of_a_job_gets_the_same_folder(monkeypatch: pytest.MonkeyP
 def test_interactive_slurm_shells_get_a_new_folder_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in {**SLURM, "SLURM_JOB_NAME": "interactive"}.items():
         monkeypatch.setenv(name, value)
-    assert not resolvers.run_stamp().startswith("slurm-")
+    assert launch.job_stamp() is None
 
 
 @pytest.mark.timeout(900)
-def test_slurm_preemption_requeues_and_resumes_in_place(fast: list[str], tmp_path: Path) -> None:
+def test_slurm_preemption_saves_at_a_step_requeues_and_the_job_resumes_its_own_run(
+    fast: list[str], tmp_path: Path
+) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "scontrol_calls"
-    scontrol = bin_dir / "scontrol"  # records what Lightning asks SLURM to do
+    scontrol = bin_dir / "scontrol"  # records what the run asks SLURM to do
     scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
     env = {**SLURM, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
@@ -142,33 +149,89 @@ def test_slurm_preemption_requeues_and_resumes_in_place(fast: list[str], tmp_pat
         "logger=csv",
         "test=false",
     ]
-    run = tmp_path / "outputs" / "train" / "runs" / "compact_shapes" / "slurm-4242-0"
+    runs = tmp_path / "outputs" / "train" / "runs" / "compact_shapes"
+    # Another run of the same name, outside the job: `ckpt_path=last` below would pick it as the newest.
+    check_ok(run_script("train.py", [*args, "trainer.max_epochs=1"], cwd=tmp_path))
+    (other,) = runs.iterdir()
+
+    run = runs / "slurm-4242-0"
     with start_script("train.py", args, cwd=tmp_path, env=env) as process:
         deadline = time.time() + 600
         while not (run / "checkpoints" / "last.ckpt").exists():  # training runs: the handler is installed
             assert process.poll() is None and time.time() < deadline, process.stderr()
             time.sleep(0.05)
         process.send_signal(signal.SIGUSR1)  # what SLURM sends before pre-empting (--signal=USR1@90)
-        while not list(run.glob("hpc_ckpt_*.ckpt")):
-            assert process.poll() is None and time.time() < deadline, process.stderr()
-            time.sleep(0.05)
-        time.sleep(0.5)
-        process.kill()  # SLURM ends the job
-        process.wait(timeout=60)
-    (hpc,) = run.glob("hpc_ckpt_*.ckpt")
-    hpc_step = torch.load(hpc, weights_only=False)["global_step"]
-    assert 0 < hpc_step < epochs * STEPS_PER_EPOCH
+        code = process.wait(timeout=120)  # it stops by itself once it has saved
+        output = process.stdout() + process.stderr()
+    assert code == 128 + signal.SIGUSR1, output
+    assert "SIGUSR1: stopped after the step in flight and saved" in output
     assert calls.read_text().split() == ["requeue", "4242"]
+    assert not list(run.glob("hpc_ckpt_*.ckpt"))  # Lightning's in-handler save did not run
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert 0 < saved["global_step"] < epochs * STEPS_PER_EPOCH
+    optimizer_steps = saved["loops"]["fit_loop"]["epoch_loop.automatic_optimization.optim_progress"]
+    assert optimizer_steps["optimizer"]["step"]["total"]["completed"] == saved["global_step"]  # a whole step
+    assert launch.read_owner(run).slurm_job == "4242"  # the job keeps its run while it waits in the queue
+    os.utime(other / "checkpoints" / "last.ckpt")  # now the newest last.ckpt of this name is not the job's
 
-    # The requeued job: same command, same environment.
-    result = run_script("train.py", args, cwd=tmp_path, env=env)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"Requeued run: resuming from {hpc}" in result.stdout + result.stderr
-    assert [p.name for p in (tmp_path / "outputs" / "train" / "runs" / "compact_shapes").iterdir()] == [
-        run.name
-    ]
+    # The requeued job: same command plus ckpt_path=last, as job scripts often have it.
+    result = run_script(
+        "train.py", [*args, "ckpt_path=last"], cwd=tmp_path, env={**env, "SLURM_RESTART_COUNT": "1"}
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"Requeued SLURM job 4242: resuming from its own checkpoint {run}/checkpoints/last.ckpt" in output
+    assert sorted(p.name for p in runs.iterdir()) == sorted([other.name, run.name])
     final = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert final["global_step"] == epochs * STEPS_PER_EPOCH
+    assert (
+        torch.load(other / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == STEPS_PER_EPOCH
+    )
+    assert launch.read_owner(run) is None  # finished: released
+
+
+def _run_with_checkpoint(runs: Path, name: str, owner: launch.Owner | None) -> Path:
+    folder = runs / name
+    (folder / "checkpoints").mkdir(parents=True)
+    checkpoint = folder / "checkpoints" / "last.ckpt"
+    checkpoint.write_bytes(b"")
+    if owner is not None:
+        (folder / launch.OWNER_FILE).write_text(json.dumps(dataclasses.asdict(owner)))
+    return checkpoint
+
+
+def test_last_never_resumes_a_run_another_job_may_be_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    me = launch.this_process()
+    older = _run_with_checkpoint(tmp_path, "older", None)
+    time.sleep(0.01)  # distinct modification times (the order is the point, not the clock)
+    newest = _run_with_checkpoint(tmp_path, "newest", launch.Owner(me.host, os.getppid()))  # alive here
+    os.utime(older, (1, 1))
+    with pytest.raises(ValueError, match=r"the newest run, .*newest, may still be training \(process"):
+        find_last_checkpoint(tmp_path, for_resume=True)
+    assert find_last_checkpoint(tmp_path) == newest  # reading it (eval.py, predict.py) is fine
+    # An owner whose process ended without releasing the folder (a crash on this host): resumable.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (newest.parent.parent / launch.OWNER_FILE).write_text(
+        json.dumps(dataclasses.asdict(launch.Owner(me.host, dead.pid)))
+    )
+    assert find_last_checkpoint(tmp_path, for_resume=True) == newest
+    # Another SLURM job's run, whether it runs or waits requeued: never.
+    (newest.parent.parent / launch.OWNER_FILE).write_text(
+        json.dumps(dataclasses.asdict(launch.Owner("node7", 123, "99")))
+    )
+    with pytest.raises(ValueError, match=r"SLURM job 99"):
+        find_last_checkpoint(tmp_path, for_resume=True)
+    # The requeued job 99 itself takes its own run, even when another run's last.ckpt is newer.
+    for name, value in {**SLURM, "SLURM_JOB_ID": "99", "SLURM_RESTART_COUNT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    os.utime(older)
+    assert find_last_checkpoint(tmp_path, for_resume=True) == newest
+    assert requeued_checkpoint(newest.parent.parent) == newest
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the same job, not requeued: no own checkpoint to take
+    assert requeued_checkpoint(newest.parent.parent) is None
 
 
 def test_checkpoints_carry_the_random_generators(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Hydra multirun and the Optuna search: one folder per job, failures reported without hiding results."""
+"""Hydra multirun and the Optuna search: one folder per job, failures reported without hiding results, no
+selection on the test images, the best validation value returned whatever the strategy."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from training_helpers import check_ok, run_script
+from training_helpers import check_ok, run_script, shapes_as_voc
 
 SHORT = ["trainer.max_epochs=1", "test=false"]
 
@@ -72,3 +73,50 @@ def test_optuna_search_with_two_trials(fast: list[str], tmp_path: Path) -> None:
     for job in jobs:
         config = yaml.safe_load((sweep / str(job["job"]) / ".hydra" / "config.yaml").read_text())
         assert 1e-4 <= config["optimizer"]["lr"] <= 1e-1
+
+
+@pytest.mark.timeout(900)
+def test_a_sweep_never_selects_on_the_test_images(shapes_root: Path, fast: list[str], tmp_path: Path) -> None:
+    same_images = shapes_as_voc(shapes_root, val_sets="[[shapes,test]]")  # validation is the test split
+    keep = [a for a in fast if not a.startswith("dataset.")]
+    args = [
+        "-m",
+        "optimizer.lr=1e-3,2e-3",
+        *same_images,
+        "model=compact",
+        *keep,
+        *SHORT,
+        "dataset.batch_size=4",
+    ]
+    sweep = tmp_path / "sweep"
+    refused = run_script(
+        "train.py", [*args, f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env={"HYDRA_FULL_ERROR": "0"}
+    )
+    assert refused.returncode == 1
+    output = refused.stdout + refused.stderr
+    assert "this sweep would choose hyperparameters on the test images" in output
+    assert "dataset.val_holdout=0.05" in output and "select_on_test=true" in output
+    assert not (sweep / "1").exists()  # stopped at its first job, before any training
+    # Knowingly: it runs, and the jobs still report no "best" value picked on the test images.
+    accepted = tmp_path / "accepted"
+    check_ok(
+        run_script("train.py", [*args, "select_on_test=true", f"hydra.sweep.dir={accepted}"], cwd=tmp_path)
+    )
+    assert [j["status"] for j in summary(accepted)] == ["COMPLETED", "COMPLETED"]
+    # A single run on such data records no best/ values either (nothing may be selected on test images).
+    single = tmp_path / "single"
+    check_ok(run_script("train.py", [*args[2:], f"hydra.run.dir={single}"], cwd=tmp_path))
+    metrics = json.loads((single / "metrics.json").read_text())
+    assert "val/map_voc07" in metrics and not [k for k in metrics if k.startswith("best/")]
+
+
+@pytest.mark.timeout(900)
+def test_a_ddp_spawn_job_returns_its_best_validation_value(fast: list[str], tmp_path: Path) -> None:
+    single = [a for a in fast if not a.startswith(("trainer.devices", "trainer.accelerator"))]
+    sweep = tmp_path / "sweep"
+    args = ["-m", "optimizer.lr=1e-3", "trainer=ddp", "trainer.strategy=ddp_spawn", "trainer.accelerator=cpu"]
+    args += ["trainer.devices=2", *single, *SHORT, f"hydra.sweep.dir={sweep}"]
+    check_ok(run_script("train.py", args, cwd=tmp_path))  # the job's training runs in two spawned processes
+    (job,) = summary(sweep)
+    metrics = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert job["status"] == "COMPLETED" and job["value"] == pytest.approx(metrics["best/val/map_voc07"])

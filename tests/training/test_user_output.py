@@ -82,17 +82,28 @@ def test_every_entry_point_names_its_missing_option_with_an_example(
     assert ("dataset.root=/data/" if option == "dataset.root" else "ckpt_path=last") in message  # an example
 
 
+@pytest.mark.parametrize(
+    ("interval_s", "expected"),
+    [
+        (3600, ["epoch 1/2 step 1/6"]),  # the first step always, then not before an hour
+        (3, ["epoch 1/2 step 1/6", "epoch 1/2 step 4/6", "epoch 2/2 step 1/6", "epoch 2/2 step 4/6"]),
+    ],
+)
 def test_progress_in_a_log_file_is_a_line_every_few_seconds(
-    fast: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    interval_s: int, expected: list[str], fast: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from ssd_lightning.cli.train import train
 
-    # pytest's stderr is not a terminal: the bar becomes log lines, at most one per interval (here: one).
+    # pytest's stderr is not a terminal: the bar becomes log lines, at most one per interval. The clock is a
+    # second later at every reading (one per step and epoch), whatever the machine's speed.
     overrides = [
         o for o in fast if o not in ("trainer.enable_progress_bar=false", "callbacks.progress_bar=null")
     ]
+    clock = ["+callbacks.progress_bar.clock._target_=probes.TickingClock"]
     cfg = compose_config(
-        "train", [*overrides, "callbacks.progress_bar.interval_s=3600", "test=false"], tmp_path
+        "train",
+        [*overrides, *clock, f"callbacks.progress_bar.interval_s={interval_s}", "test=false"],
+        tmp_path,
     )
     with caplog.at_level(logging.INFO, logger="ssd_lightning.progress"):
         assert train(cfg)["step"] == 12
@@ -101,4 +112,4 @@ def test_progress_in_a_log_file_is_a_line_every_few_seconds(
         for r in caplog.records
         if r.name == "ssd_lightning.progress" and " step " in r.getMessage()
     ]
-    assert steps and len(steps) == 1 and steps[0].startswith("epoch 1/2 step 1/6"), steps
+    assert [line.split(",")[0].split(" |")[0] for line in steps] == expected, steps

@@ -315,7 +315,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if interrupted is not None:
             metrics["step"] = trainer.global_step
             write_json(output_dir / METRICS_FILE, metrics)
-            log.error("%s", interrupted)
+            log.warning("%s", interrupted)
             raise interrupted
         # Per-class tables need the evaluation in this process (not the case with ddp_spawn).
         if module.last_evaluation is not None:

@@ -44,7 +44,8 @@ class BatchPlan:
         source = "dataset.batch_size per device" if self.requested is None else "dataset.global_batch_size"
         if self.rounded:
             source = f"dataset.global_batch_size={self.requested} rounded to divide over the processes"
-        return f"global batch {self.global_batch} = {' x '.join(parts)} x {self.per_device} images ({source})"
+        images = f"{self.per_device} image{'s' if self.per_device > 1 else ''}"
+        return f"global batch {self.global_batch} = {' x '.join(parts)} x {images} ({source})"
 
 
 def plan_batch(

@@ -291,7 +291,8 @@ def test_a_global_batch_that_does_not_divide_is_rounded_and_says_so(
         plan = data.resolve_batch_size(devices)
     assert (plan.per_device, plan.global_batch, plan.rounded) == (per_device, rounded, True)
     assert data.batch_size == per_device and data.resolved_global_batch_size == rounded
-    assert f"global batch {rounded} = {devices} devices x {per_device} images" in caplog.text
+    images = f"{per_device} image{'s' if per_device > 1 else ''}"
+    assert f"global batch {rounded} = {devices} devices x {images}" in caplog.text
     assert f"dataset.global_batch_size={global_batch} rounded" in caplog.text
     # Evaluation alone rounds up: every image is still evaluated once, the batch's size is all it changes.
     assert (

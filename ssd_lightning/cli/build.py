@@ -28,7 +28,7 @@ DATASET_CONFIG_KEYS = ("monitor", "prior_sizes")
 BASE_BATCH_KEY = "base_batch_size"
 GPU_ACCELERATORS = ("gpu", "cuda")
 #: Keys of conf/trainer/*.yaml that are ours (NonFiniteGuard), not Trainer arguments.
-OUR_TRAINER_KEYS = ("on_nonfinite", "nonfinite_skip_limit")
+OUR_TRAINER_KEYS = ("on_nonfinite", "nonfinite_skip_limit", "stall_timeout_s")
 
 
 def instantiate_plainly(node: DictConfig, **kwargs: Any) -> Any:

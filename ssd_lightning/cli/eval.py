@@ -22,7 +22,12 @@ from ssd_lightning.cli.preflight import check_accelerator, user_errors_as_messag
 from ssd_lightning.cli.report import format_results, report, write_json
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.metrics.analysis import OUTCOMES, ErrorAnalysis, plot_pr_curves
-from ssd_lightning.training.checkpointing import resolve_checkpoint
+from ssd_lightning.training.checkpointing import (
+    CheckpointDamaged,
+    last_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+)
 from ssd_lightning.training.evaluation import EvaluationResult
 from ssd_lightning.training.module import SSDLitModule
 
@@ -30,13 +35,38 @@ SPLITS = ("val", "test")
 log = logging.getLogger("ssd_lightning")
 
 
-def load_for_inference(cfg: DictConfig) -> SSDLitModule:
-    """The module of `cfg.ckpt_path` (a file, or `last`: the newest last.ckpt of the training runs)."""
-    ckpt_path = resolve_checkpoint(cfg.ckpt_path, f"{cfg.paths.log_dir}/train")
-    module = SSDLitModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
+def _newest_intact_last(search_dir: str, trust: bool) -> tuple[Path, dict]:
+    """`ckpt_path=last` for reading: the newest last.ckpt that loads, skipping (and naming) damaged ones."""
+    damaged = []
+    for path in last_checkpoints(search_dir):
+        try:
+            checkpoint = load_checkpoint(path, "ckpt_path", trust)
+        except CheckpointDamaged as error:
+            damaged.append(str(error))
+            continue
+        for reason in damaged:
+            log.warning("ckpt_path=last: skipped %s", reason)
+        if damaged:
+            log.warning("ckpt_path=last: using %s, the newest intact last.ckpt", path)
+        return path, checkpoint
+    raise CheckpointDamaged(
+        "ckpt_path=last: no intact last.ckpt under " + search_dir + ":\n" + "\n".join(damaged)
+    )
+
+
+def load_for_inference(cfg: DictConfig) -> tuple[SSDLitModule, Path]:
+    """The module of `cfg.ckpt_path` (a file, or `last`: the newest intact last.ckpt of the training runs)
+    and the file it came from, read without running any code it may hold unless `trust_checkpoint=true`."""
+    trust = bool(cfg.get("trust_checkpoint", False))
+    if str(cfg.ckpt_path) == "last":
+        ckpt_path, checkpoint = _newest_intact_last(f"{cfg.paths.log_dir}/train", trust)
+    else:
+        ckpt_path = resolve_checkpoint(cfg.ckpt_path, f"{cfg.paths.log_dir}/train")
+        checkpoint = load_checkpoint(ckpt_path, "ckpt_path", trust)
+    module = SSDLitModule.from_checkpoint(checkpoint)
     if module.loaded_ema_weights:
         log.info("%s holds EMA weights (callbacks=ema): using the average, not the raw weights", ckpt_path)
-    return module
+    return module, Path(ckpt_path)
 
 
 def check_classes(module: SSDLitModule, classes: list[str], where: str) -> None:
@@ -52,7 +82,7 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
     check_accelerator(cfg.trainer)
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r}: choose one of {SPLITS}")
-    module = load_for_inference(cfg)
+    module, _ = load_for_inference(cfg)
     # The data must be prepared for the checkpoint's network, whatever `model=` says.
     cfg.model.image_size = module.image_size
     cfg.model.pixel_mean = list(module.hparams.pixel_mean)

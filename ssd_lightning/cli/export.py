@@ -18,8 +18,9 @@ from ssd_lightning.cli.preflight import user_errors_as_messages
 from ssd_lightning.cli.report import report
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.export import INPUT_NAME, export_onnx, export_torchscript, read_metadata
+from ssd_lightning.training.checkpointing import SAFETENSORS_SUFFIX, save_safetensors
 
-SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt"}
+SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": SAFETENSORS_SUFFIX}
 
 
 def export(cfg: DictConfig) -> Path:
@@ -30,13 +31,24 @@ def export(cfg: DictConfig) -> Path:
         raise ValueError(
             "batch_size is an ONNX option: TorchScript files take any batch size; drop batch_size="
         )
-    module = load_for_inference(cfg)
+    module, source = load_for_inference(cfg)
+    output = Path(cfg.output) if cfg.output else Path(cfg.paths.output_dir) / f"model{SUFFIXES[cfg.format]}"
+    if output.expanduser().resolve() == source.resolve():
+        raise ValueError(f"output={cfg.output} is the checkpoint being exported: choose another file")
+    if cfg.format == "safetensors":  # the weights alone, for sharing: nothing in the file can run code
+        checkpoint = {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "datamodule_hyper_parameters": module.datamodule_arguments,
+        }
+        path = save_safetensors(checkpoint, output)
+        report(f"Wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): weights and network description")
+        return path
     net = module.net.eval()
     overrides = {k: v for k, v in OmegaConf.to_container(cfg.detection).items() if v is not None}
     net.detection = dataclasses.replace(net.detection, **overrides)
 
     hparams = module.hparams
-    output = Path(cfg.output) if cfg.output else Path(cfg.paths.output_dir) / f"model{SUFFIXES[cfg.format]}"
     common = {
         "include_postprocess": bool(cfg.include_postprocess),
         "input_format": cfg.input_format,

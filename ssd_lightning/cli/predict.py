@@ -29,24 +29,36 @@ from ssd_lightning.data import (
     collate_detection,
     decode_rgb,
 )
-from ssd_lightning.training.checkpointing import resolve_checkpoint
+from ssd_lightning.training.module import SSDLitModule
 from ssd_lightning.visualize import draw_detections
 
 
-def image_dataset(source: str | Path, classes: list[str], transform: DetectionTransform) -> DetectionDataset:
-    """`source` itself if it is an image file, else every image under the folder (recursively)."""
+def image_dataset(
+    source: str | Path, classes: list[str], transform: DetectionTransform, skip_bad_images: bool = True
+) -> DetectionDataset:
+    """`source` itself if it is an image file, else every image under the folder (recursively; unreadable
+    ones skipped with a counted warning unless `skip_bad_images` is false)."""
     path = Path(source).expanduser()
     if path.is_dir():
-        return ImageFolderDataset(path, classes, transform=transform)
+        try:
+            return ImageFolderDataset(path, classes, transform=transform, skip_bad_samples=skip_bad_images)
+        except DatasetError as error:
+            hint = "predict.py skips unreadable images with skip_bad_images=true (its default)"
+            raise DatasetError(error.context, error.problems, hint=hint) from None
     if not path.is_file():
         raise FileNotFoundError(f"input={source}: no such file or folder")
     record = ImageRecord(path=path, annotation=path, name=path.name, image_id=0, width=0, height=0)
     return DetectionDataset([record], classes, name=str(path), transform=transform, exif_orientation=True)
 
 
-def _coco_image_id(record: ImageRecord) -> int:
-    # COCO file names are the image id (000000000139.jpg); other files get their position.
-    return int(record.path.stem) if record.path.stem.isdigit() else record.image_id
+def image_ids(records: list[ImageRecord]) -> list[int]:
+    """The COCO image id of each record: the number its file is named by when every file is named by a
+    different number (COCO's 000000000139.jpg), else its position (1.jpg and 001.jpg must not share an id).
+    The results JSON keeps each file's name beside its id."""
+    stems = [record.path.stem for record in records]
+    if all(stem.isdigit() for stem in stems) and len({int(stem) for stem in stems}) == len(stems):
+        return [int(stem) for stem in stems]
+    return [record.image_id for record in records]
 
 
 def coco_results(prediction: dict[str, Any], category_ids: list[int] | None) -> list[dict[str, Any]]:
@@ -62,6 +74,7 @@ def coco_results(prediction: dict[str, Any], category_ids: list[int] | None) -> 
         entries.append(
             {
                 "image_id": int(prediction["image_id"]),
+                **({"file_name": Path(prediction["path"]).name} if "path" in prediction else {}),
                 "category_id": category_ids[label - 1] if category_ids else int(label),
                 "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                 "score": round(float(score), 5),
@@ -70,14 +83,13 @@ def coco_results(prediction: dict[str, Any], category_ids: list[int] | None) -> 
     return entries
 
 
-def training_test_split(ckpt_path: str | Path, transform: DetectionTransform) -> DetectionDataset:
+def training_test_split(module: SSDLitModule, transform: DetectionTransform) -> DetectionDataset:
     """The test split of the data the checkpoint was trained on (Lightning keeps the DataModule's arguments
     in the checkpoint)."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    arguments = checkpoint.get("datamodule_hyper_parameters")
+    arguments = module.datamodule_arguments
     if not arguments:
         raise ConfigurationError(
-            f"{ckpt_path} does not record its training data: pass input=<image or folder>"
+            "the checkpoint does not record its training data: pass input=<image or folder>"
         )
     try:
         return DetectionDataModule(**arguments).build_dataset("test", transform=transform)
@@ -100,17 +112,17 @@ def draw(prediction: dict[str, Any], class_names: list[str], display_threshold: 
 def predict(cfg: DictConfig) -> Path:
     """Run the predict task of `cfg` (composed from conf/predict.yaml); returns the results JSON path."""
     check_accelerator(cfg.trainer)
-    module = load_for_inference(cfg)
+    module, _ = load_for_inference(cfg)
     hparams = module.hparams
     transform = build_eval_transform(
         module.image_size, hparams.pixel_mean, hparams.pixel_std, normalize=False
     )
     if cfg.get("input"):
-        dataset = image_dataset(cfg.input, module.class_names, transform)
-    else:
-        dataset = training_test_split(
-            resolve_checkpoint(cfg.ckpt_path, f"{cfg.paths.log_dir}/train"), transform
+        dataset = image_dataset(
+            cfg.input, module.class_names, transform, bool(cfg.get("skip_bad_images", True))
         )
+    else:
+        dataset = training_test_split(module, transform)
         report(f"No input=: predicting on {dataset.name}, the test split of the checkpoint's training data")
     loader = DataLoader(
         dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_detection
@@ -119,9 +131,9 @@ def predict(cfg: DictConfig) -> Path:
     predictions = [p for batch in trainer.predict(module, dataloaders=loader) for p in batch]
     by_id = {record.image_id: record for record in dataset.records}
     records = [by_id[p["image_id"]] for p in predictions]
-    for prediction, record in zip(predictions, records, strict=True):
+    for prediction, record, image_id in zip(predictions, records, image_ids(records), strict=True):
         prediction["path"] = str(record.path)
-        prediction["image_id"] = _coco_image_id(record)
+        prediction["image_id"] = image_id
 
     output_dir = Path(cfg.paths.output_dir)
     results = [entry for p in predictions for entry in coco_results(p, hparams.get("category_ids"))]

@@ -3,11 +3,12 @@ saying what to do, instead of a stack trace from deep inside Lightning, W&B or `
 
 from __future__ import annotations
 
+import difflib
 import functools
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.cli.report import configure_console
+from ssd_lightning.training.checkpointing import CheckpointWriteError
 from ssd_lightning.training.interruption import RunInterrupted
 from ssd_lightning.training.nonfinite import NonFiniteLossError
 
@@ -41,6 +43,66 @@ MANDATORY_OPTIONS = {
     "dataset.root": "the folder that holds the data: dataset.root=/data/VOCdevkit (dataset=voc), "
     "dataset.root=/data/coco (dataset=coco)",
 }
+
+
+# Values a user sets on the command line most, by entry point: (key, kind, example). Checked before anything
+# loads, so that `optimizer.lr=abc` is one line, not a traceback from inside torch.
+_NUMBER, _WHOLE = "a number", "a whole number"
+CHECKED_VALUES = {
+    "train.py": [
+        ("seed", _WHOLE, "seed=42 (or seed=null)"),
+        ("optimizer.lr", _NUMBER, "optimizer.lr=0.001"),
+        ("optimizer.weight_decay", _NUMBER, "optimizer.weight_decay=0.0005"),
+        ("optimizer.momentum", _NUMBER, "optimizer.momentum=0.9"),
+        ("dataset.global_batch_size", _WHOLE, "dataset.global_batch_size=32"),
+        ("dataset.batch_size", _WHOLE, "dataset.batch_size=8"),
+        ("dataset.num_workers", _WHOLE, "dataset.num_workers=4"),
+        ("trainer.max_epochs", _WHOLE, "trainer.max_epochs=10"),
+        ("trainer.max_steps", _WHOLE, "trainer.max_steps=120000"),
+        ("trainer.stall_timeout_s", _NUMBER, "trainer.stall_timeout_s=1800"),
+    ],
+    "eval.py": [("analysis_score_threshold", _NUMBER, "analysis_score_threshold=0.4")],
+    "predict.py": [
+        ("display_threshold", _NUMBER, "display_threshold=0.4"),
+        ("batch_size", _WHOLE, "batch_size=8"),
+    ],
+    "export.py": [("opset", _WHOLE, "opset=18"), ("batch_size", _WHOLE, "batch_size=1 (or null)")],
+}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if value is None:
+        return True  # null: the option's own meaning (no seed, derived batch...)
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if kind == _WHOLE else isinstance(value, (int, float))
+
+
+def check_values(cfg: DictConfig, command: str) -> None:
+    """The options of CHECKED_VALUES hold numbers, else one line per option with an example."""
+    wrong = []
+    for key, kind, example in CHECKED_VALUES.get(command, []):
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if not _is_kind(value, kind):
+            wrong.append(f"{key}={value} is not {kind}: e.g. {example}")
+    if wrong:
+        raise ConfigurationError("\n".join(wrong))
+
+
+def check_monitor(cfg: DictConfig, logged: Sequence[str]) -> None:
+    """`monitor` and `optimized_metric` name metrics the run logs (`logged`): a typo found now, not at the
+    first validation hours in."""
+    for key in ("monitor", "optimized_metric"):
+        name = cfg.get(key)
+        if not name or name in logged:
+            continue
+        close = difflib.get_close_matches(str(name), logged, n=2, cutoff=0.5)
+        shown = ", ".join(n for n in logged if not n.startswith("val/ap_voc07/"))
+        raise ConfigurationError(
+            f"{key}={name} is not a metric this run logs"
+            + (f"; did you mean {' or '.join(close)}?" if close else "")
+            + f" Validation logs {shown} and val/ap_voc07/<class> per class"
+        )
 
 
 def check_mandatory(cfg: DictConfig, command: str) -> None:
@@ -72,10 +134,16 @@ def user_errors_as_messages(command: str) -> Callable[[Callable[[DictConfig], T]
             configure_console()
             try:
                 check_mandatory(cfg, command)
+                check_values(cfg, command)
                 return task(cfg)
             except RunInterrupted as stop:  # already logged with its checkpoint
                 sys.exit(stop.exit_code)
-            except (ValueError, FileNotFoundError, NonFiniteLossError) as error:  # worded for users
+            except (
+                ValueError,
+                FileNotFoundError,
+                NonFiniteLossError,
+                CheckpointWriteError,
+            ) as error:  # for users
                 stops_sweep = isinstance(error, SweepError) and in_multirun()
                 if not stops_sweep and (os.environ.get("HYDRA_FULL_ERROR") == "1" or in_multirun()):
                     raise

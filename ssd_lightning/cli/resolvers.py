@@ -79,8 +79,12 @@ def hydra_subdir(ckpt_path: str | None) -> str | None:
     return f".hydra/resume-{datetime.now():{TIME_FORMAT}}" if ckpt_path else ".hydra"
 
 
-def _normalization(arch: str, backbone_weights: str | None, weights: str | None, weights_source: str | None):
-    found = initial_normalization(arch, backbone_weights, weights, weights_source or "ssd_lightning")
+def _normalization(
+    arch: str, backbone_weights: str | None, weights: str | None, weights_source: str | None, trust: bool
+):
+    found = initial_normalization(
+        arch, backbone_weights, weights, weights_source or "ssd_lightning", bool(trust)
+    )
     if found is None and (backbone_weights or weights):
         raise ValueError(
             f"cannot tell which input normalisation {weights or backbone_weights} was trained with; "
@@ -90,20 +94,25 @@ def _normalization(arch: str, backbone_weights: str | None, weights: str | None,
 
 
 # ListConfig, not list: `--cfg job --resolve` (OmegaConf.resolve) can only write a container into the config.
+# `trust`: trust_checkpoint (read_checkpoint), for weights files that hold more than tensors.
 def pixel_mean(
-    arch: str, backbone_weights: str | None, weights: str | None, source: str | None
+    arch: str, backbone_weights: str | None, weights: str | None, source: str | None, trust: bool = False
 ) -> ListConfig:
-    return ListConfig(list(_normalization(arch, backbone_weights, weights, source).pixel_mean))
+    return ListConfig(list(_normalization(arch, backbone_weights, weights, source, trust).pixel_mean))
 
 
-def pixel_std(arch: str, backbone_weights: str | None, weights: str | None, source: str | None) -> ListConfig:
-    return ListConfig(list(_normalization(arch, backbone_weights, weights, source).pixel_std))
+def pixel_std(
+    arch: str, backbone_weights: str | None, weights: str | None, source: str | None, trust: bool = False
+) -> ListConfig:
+    return ListConfig(list(_normalization(arch, backbone_weights, weights, source, trust).pixel_std))
 
 
-def reduced_tail(backbone_weights: str | None, weights: str | None = None, source: str | None = None) -> bool:
+def reduced_tail(
+    backbone_weights: str | None, weights: str | None = None, source: str | None = None, trust: bool = False
+) -> bool:
     """`model.net.reduced_tail` of SSDLite: the tail of the detector weights `weights` when given, else
     reduced from scratch and full on ImageNet backbone weights (which exist for the full tail only)."""
-    return mobilenet_reduced_tail(backbone_weights, weights, source or "ssd_lightning")
+    return mobilenet_reduced_tail(backbone_weights, weights, source or "ssd_lightning", bool(trust))
 
 
 def _process_count(devices: object) -> int | None:

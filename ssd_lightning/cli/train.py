@@ -29,6 +29,7 @@ from ssd_lightning.cli.preflight import (
     ConfigurationError,
     SweepError,
     check_accelerator,
+    check_monitor,
     check_resume_compatible,
     check_wandb_login,
     in_multirun,
@@ -49,9 +50,10 @@ from ssd_lightning.training.checkpointing import (
 )
 from ssd_lightning.training.ema import EMAWeights
 from ssd_lightning.training.interruption import RunInterrupted, StopOnSignal
-from ssd_lightning.training.module import BEST_PREFIX, SSDLitModule
+from ssd_lightning.training.module import BEST_PREFIX, SSDLitModule, validation_metric_names
 from ssd_lightning.training.nonfinite import NonFiniteGuard
 from ssd_lightning.training.scaling import STEP_KEYS, describe_scaling, scale_schedule, wants_sync_batchnorm
+from ssd_lightning.training.watchdog import StallWatchdog
 from ssd_lightning.training.weights import (
     check_normalization,
     describe_initialisation,
@@ -89,12 +91,13 @@ def initialise_weights(cfg: DictConfig, module: SSDLitModule) -> None:
         log.info("Initial weights: all random (no pretrained weights)")
         return
     weights_source = str(model.get("weights_source", "ssd_lightning"))
-    expected = initial_normalization(arch, backbone_weights, weights, weights_source)
+    trust = bool(cfg.get("trust_checkpoint", False))
+    expected = initial_normalization(arch, backbone_weights, weights, weights_source, trust)
     what = f"model.weights={weights}" if weights else f"model.backbone_weights={backbone_weights}"
     check_normalization(expected, model.pixel_mean, model.pixel_std, what)
     before = snapshot(module.net)
     if weights:
-        load_detector_weights(module.net, weights, weights_source)
+        load_detector_weights(module.net, weights, weights_source, trust)
     else:
         load_backbone_weights(module.net, backbone_weights)
     log.info("Initial weights (network parts):\n%s", describe_initialisation(module.net, before, str(source)))
@@ -233,8 +236,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     check_accelerator(cfg.trainer)
     check_wandb_login(cfg.get("logger"))
     ckpt_path = _checkpoint_to_resume(cfg, output_dir)
+    trust = bool(cfg.get("trust_checkpoint", False))
 
     datamodule = instantiate_datamodule(cfg)
+    check_monitor(cfg, validation_metric_names(datamodule.classes))
     same_images = datamodule.validation_is_test()
     refuse_selection_on_test(cfg, same_images)
     skip = ()
@@ -255,7 +260,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_id = None
     checkpoint = None
     if ckpt_path is not None:
-        checkpoint = load_checkpoint(ckpt_path)
+        checkpoint = load_checkpoint(ckpt_path, "ckpt_path", trust)
         run_id = wandb_run_id(checkpoint)
     loggers = instantiate_loggers(cfg.get("logger"), wandb_run_id=run_id)
     interrupted: RunInterrupted | None = None
@@ -275,12 +280,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
             )
         )
         last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
+        last_path = Path(last.dirpath if last else output_dir / CHECKPOINT_FOLDER) / LAST_CHECKPOINT
         callbacks.append(
             StopOnSignal(
-                Path(last.dirpath if last else output_dir / CHECKPOINT_FOLDER) / LAST_CHECKPOINT,
+                last_path,
                 check_every_n_steps=check_every,
                 requeue_signal=signal.SIGUSR1 if launch.slurm_job_id() else None,
             )
+        )
+        callbacks.append(
+            StallWatchdog(float(cfg.trainer.get("stall_timeout_s", 1800)), last_path, output_dir)
         )
         trainer = build_trainer(cfg.trainer, callbacks, loggers)
         if checkpoint is None:
@@ -294,9 +303,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             owns_folder = True
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        # Checkpoints hold the training state (optimiser, loops, callbacks), not only tensors.
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)
+            # Read by the weights-only unpickler like every file we load, unless trust_checkpoint=true.
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
         except RunInterrupted as stop:
             interrupted = stop
         except ValueError as error:
@@ -324,7 +333,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if cfg.get("test") and not trainer.interrupted:
             module.last_evaluation = None
             best = None if same_images else _best_checkpoint(trainer)
-            trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=False)
+            trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
             metrics.update(_scalars(trainer.callback_metrics))
             if module.last_evaluation is not None:
                 if best:

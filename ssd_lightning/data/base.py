@@ -339,8 +339,9 @@ class DetectionDataset(Dataset):
         file_problems = _check_image_files(records, verify_images, exif_orientation)
         usable = [r for i, r in enumerate(records) if i not in file_problems]
         box_errors, box_warnings = _validate_boxes(usable)
-        errors = list(problems) + list(file_problems.values()) + [p for ps in box_errors.values() for p in ps]
-        self.problems: list[Problem] = errors + box_warnings
+        loader_errors = [p for p in problems if p.severity == "error"]
+        errors = loader_errors + list(file_problems.values()) + [p for ps in box_errors.values() for p in ps]
+        self.problems: list[Problem] = errors + [p for p in problems if p.severity != "error"] + box_warnings
         self.records = [r for i, r in enumerate(usable) if i not in box_errors]
 
         if errors and not skip_bad_samples:

@@ -141,18 +141,34 @@ class COCODetection(DetectionDataset):
     ) -> tuple[list[ImageRecord], list[Problem]]:
         problems: list[Problem] = []
         images: dict[int, dict[str, Any]] = {}
+        by_file: dict[str, int] = {}
+        bad_images: set[int] = set()
         for entry in data["images"]:
             valid = isinstance(entry, dict) and isinstance(entry.get("id"), int) and entry.get("file_name")
             if not valid:
                 message = f"image entry {str(entry):.80} needs an integer id and a file_name"
                 problems.append(Problem(str(ann_file), message))
-            else:
-                images[entry["id"]] = entry
+                continue
+            image_id, file_name = entry["id"], str(entry["file_name"])
+            if image_id in images:  # which photo its boxes belong to cannot be told
+                other = images[image_id]["file_name"]
+                problems.append(
+                    Problem(str(ann_file), f"image id {image_id} is listed twice ({other}, {file_name})")
+                )
+                bad_images.add(image_id)
+                continue
+            if file_name in by_file:
+                message = f"file {file_name} is listed twice (image ids {by_file[file_name]} and {image_id})"
+                problems.append(Problem(str(ann_file), message))
+                bad_images.update((image_id, by_file[file_name]))
+            by_file.setdefault(file_name, image_id)
+            images[image_id] = entry
         category_to_label = {c: label for label, c in self.label_to_category_id.items()}
         known_categories = {c.get("id") for c in data["categories"] if isinstance(c, dict)}
 
-        bad_images: set[int] = set()
         rows: list[tuple[float, float, float, float, int, int, bool, int]] = []
+        seen_boxes: dict[tuple, Any] = {}
+        duplicates: list[str] = []
         left_out = 0
         for ann in data["annotations"]:
             try:
@@ -175,10 +191,20 @@ class COCODetection(DetectionDataset):
                 left_out += 1
             else:
                 crowd = bool(ann.get("iscrowd", 0))
+                key = (image_id, category_id, x, y, w, h, crowd)
+                if key in seen_boxes:  # the same box twice would count twice in training and evaluation
+                    duplicates.append(f"{where} repeats annotation id {seen_boxes[key]}")
+                    continue
+                seen_boxes[key] = ann.get("id", "?")
                 label = category_to_label[category_id]
                 rows.append((x, y, x + w, y + h, label, image_id, crowd, ann.get("id", -1)))
         if left_out:
             log.info("%s: left out %d annotation(s) of categories not in dataset.classes", ann_file, left_out)
+        if duplicates:
+            log.warning(
+                "%s: dropped %d duplicate annotation(s); first: %s", ann_file, len(duplicates), duplicates[0]
+            )
+            problems += [Problem(str(ann_file), f"{d}; dropped", "warning") for d in duplicates]
 
         table = np.array([row[:4] for row in rows], np.float64).reshape(-1, 4)
         labels = np.array([row[4] for row in rows], np.int64)

@@ -321,7 +321,12 @@ class DetectionDataModule(pl.LightningDataModule):
         if self.format == "shapes":
             ensure_shapes_dataset(self.root, **self._shapes_cache_options())
         return VOCDetection(
-            self.root, self.image_sets[split], self.classes, keep_difficult=keep_difficult, **options
+            self.root,
+            self.image_sets[split],
+            self.classes,
+            keep_difficult=keep_difficult,
+            check_classes=split == "train",
+            **options,
         )
 
     def validation_is_test(self) -> bool:

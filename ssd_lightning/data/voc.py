@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -143,6 +144,9 @@ class VOCDetection(DetectionDataset):
         data_classes: every class the data may hold; objects of these that are not in ``classes`` are
             left out (as COCO leaves out other categories), any other class name is an error. None: a
             year folder's ``classes.txt`` if it has one, else VOC's 20 classes.
+        check_classes: a class of ``classes`` that no object of these image sets has and ``data_classes``
+            does not name either (``dataset.classes=[cat,dgo]``) is an error naming the closest real names;
+            on for training data, where a class without examples is a typo more often than not.
         transform, keep_difficult, skip_bad_samples, verify_images: see :class:`DetectionDataset`.
     """
 
@@ -153,6 +157,7 @@ class VOCDetection(DetectionDataset):
         classes: Sequence[str] = VOC_CLASSES,
         *,
         data_classes: Sequence[str] | None = None,
+        check_classes: bool = False,
         transform: Transform | None = None,
         keep_difficult: bool = True,
         skip_bad_samples: bool = False,
@@ -170,13 +175,17 @@ class VOCDetection(DetectionDataset):
         records: list[ImageRecord] = []
         problems: list[Problem] = []
         left_out_counts: Counter[str] = Counter()
+        vocabulary: dict[str, str] = {}  # class name -> where the data names it
         for year, image_set in present:
             folder = voc_folder(root, year)
             ids = _read_split(folder / "ImageSets" / "Main" / f"{image_set}.txt")
             if isinstance(ids, Problem):
                 problems.append(ids)
                 continue
-            left_out = set(_data_classes(folder, data_classes)) - set(class_to_label)
+            known = _data_classes(folder, data_classes)
+            source = str(folder / "classes.txt") if (folder / "classes.txt").is_file() else "VOC's 20 classes"
+            vocabulary.update({c: source for c in known if c not in vocabulary})
+            left_out = set(known) - set(class_to_label)
             for image_id in ids:
                 xml_path = folder / "Annotations" / f"{image_id}.xml"
                 parsed = parse_voc_annotation(
@@ -186,6 +195,8 @@ class VOCDetection(DetectionDataset):
                     problems.append(parsed)
                 else:
                     records.append(parsed)
+        if check_classes and records:
+            problems += _classes_without_objects(classes, records, vocabulary, left_out_counts, name)
         if left_out_counts:
             counts = ", ".join(f"{n} {c}" for c, n in left_out_counts.most_common())
             log.info(
@@ -204,6 +215,32 @@ class VOCDetection(DetectionDataset):
             skip_bad_samples=skip_bad_samples,
             verify_images=verify_images,
         )
+
+
+def _classes_without_objects(
+    classes: Sequence[str],
+    records: Sequence[ImageRecord],
+    vocabulary: dict[str, str],
+    seen_elsewhere: Counter[str],
+    name: str,
+) -> list[Problem]:
+    """A problem for each class that no object has and the data's class list does not name (a typo)."""
+    counts = np.bincount(np.concatenate([r.labels for r in records]), minlength=len(classes) + 1)[1:]
+    real = sorted({*vocabulary, *seen_elsewhere})
+    problems = []
+    for label, class_name in enumerate(classes):
+        if counts[label] or class_name in vocabulary:
+            continue
+        close = difflib.get_close_matches(class_name, real, n=3, cutoff=0.6)
+        where = ", ".join(sorted(set(vocabulary.values()))) or "the data"
+        problems.append(
+            Problem(
+                name,
+                f"dataset.classes has {class_name!r}, but no object here has that class and {where} does not "
+                "name it" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else ""),
+            )
+        )
+    return problems
 
 
 def _data_classes(folder: Path, given: Sequence[str] | None) -> list[str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -64,6 +64,11 @@ class EvaluationResult:
     per_class_ap_voc12: dict[str, float] = field(default_factory=dict)
     # Errors by cause and misses by size, when the evaluator was asked for them (eval.py analysis=true).
     analysis: ErrorAnalysis | None = field(default=None, repr=False)
+
+    @classmethod
+    def scalar_names(cls) -> list[str]:
+        """The names `scalars()` has (map_voc07, map, ... num_images)."""
+        return [f.name for f in fields(cls) if f.type in ("float", "int")]
 
     def scalars(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.to_dict().items() if isinstance(v, (int, float))}

@@ -107,8 +107,16 @@ class StopOnSignal(pl.Callback):
             signum = int(agreed)  # the host reads it here only, every check_every_n_steps steps
         else:
             signum = self.received
-        if not signum:
-            return
+        if signum:
+            self._stop(trainer, signum)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A signal during the last validation: no step follows it, the run still stops here, not in a test.
+        signum = int(all_ranks_max(torch.tensor(self.received, device=pl_module.device)))
+        if signum:
+            self._stop(trainer, signum)
+
+    def _stop(self, trainer: pl.Trainer, signum: int) -> None:
         trainer.save_checkpoint(self.checkpoint, weights_only=False)
         requeued = signum == self.requeue_signal and _requeue_slurm_job(trainer)
         raise RunInterrupted(signum, self.checkpoint, requeued)

@@ -89,7 +89,8 @@ def read_owner(run_folder: str | os.PathLike) -> Owner | None:
         return None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -108,5 +109,5 @@ def may_be_training(owner: Owner | None, me: Owner | None = None) -> bool:
     if owner.slurm_job is not None:
         return owner.slurm_job != me.slurm_job
     if owner.host == me.host:
-        return owner.pid != me.pid and _alive(owner.pid)
+        return owner.pid != me.pid and process_alive(owner.pid)
     return True

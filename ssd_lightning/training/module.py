@@ -33,6 +33,7 @@ WANDB_RUN_ID_KEY = "wandb_run_id"
 BEST_PREFIX = "best/"  # logged metrics and metrics.json: the best value of each validation metric so far
 BEST_VALIDATION_KEY = "best_validation"
 RNG_STATES_KEY = "rng_states"
+DATAMODULE_ARGUMENTS_KEY = "datamodule_hyper_parameters"  # Lightning's: the DataModule's save_hyperparameters
 
 
 class SSDLitModule(pl.LightningModule):
@@ -106,6 +107,7 @@ class SSDLitModule(pl.LightningModule):
         self.best_validation: dict[str, float] = {}
         self.track_best_validation = True
         self.loaded_ema_weights = False  # set when a checkpoint's state_dict was an EMA average
+        self.datamodule_arguments: dict[str, Any] | None = None  # from_checkpoint: the data it was trained on
         # Set by NonFiniteGuard: keep each step's loss terms and largest predictions (device tensors).
         self.record_step_stats = False
         self.step_stats: dict[str, Tensor] = {}
@@ -252,11 +254,29 @@ class SSDLitModule(pl.LightningModule):
         checkpoint[BEST_VALIDATION_KEY] = dict(self.best_validation)
         checkpoint[RNG_STATES_KEY] = rng_states()
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Mapping[str, Any]) -> SSDLitModule:
+        """The module a checkpoint dict describes (its hyper-parameters), with its weights; for inference. The
+        DataModule's arguments it was trained with are kept as `datamodule_arguments` (None if absent)."""
+        module = cls(**checkpoint["hyper_parameters"])
+        module.on_load_checkpoint(dict(checkpoint))
+        module.load_state_dict(checkpoint["state_dict"])
+        module.datamodule_arguments = checkpoint.get(DATAMODULE_ARGUMENTS_KEY)
+        return module
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.loaded_ema_weights = holds_ema_weights(checkpoint)
         self.best_validation = dict(checkpoint.get(BEST_VALIDATION_KEY, {}))
         if RNG_STATES_KEY in checkpoint:
             restore_rng_states(checkpoint[RNG_STATES_KEY])
+
+
+def validation_metric_names(class_names: Sequence[str]) -> list[str]:
+    """Every metric a run logs at validation, and the training losses (what `monitor` may name)."""
+    losses = [f"{stage}/{name}" for stage in ("val", "train") for name in ("loss", "loss_loc", "loss_conf")]
+    return [*(f"val/{k}" for k in EvaluationResult.scalar_names()), *losses] + [
+        f"val/ap_voc07/{name}" for name in class_names
+    ]
 
 
 def _without_difficult(target: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -25,6 +25,7 @@ from ssd_lightning.models import (
     load_vgg16_backbone,
     pixel_normalization,
 )
+from ssd_lightning.training.checkpointing import read_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,11 @@ def backbone_normalization(arch: str, source: str | Path) -> PixelNormalization 
     return _torchvision_normalization(torchvision_weights(model, "IMAGENET1K_V1"))
 
 
-def detector_normalization(arch: str, path: str | Path, source: str) -> PixelNormalization | None:
-    """The normalisation a whole detector's weights (`model.weights`) were trained with."""
+def detector_normalization(
+    arch: str, path: str | Path, source: str, trust: bool = False
+) -> PixelNormalization | None:
+    """The normalisation a whole detector's weights (`model.weights`) were trained with (`trust`: see
+    `read_checkpoint`)."""
     if source not in DETECTOR_SOURCES:
         raise ValueError(f"model.weights_source={source!r}: choose one of {DETECTOR_SOURCES}")
     if source == "ssd.pytorch":
@@ -141,7 +145,7 @@ def detector_normalization(arch: str, path: str | Path, source: str) -> PixelNor
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"model.weights: file not found: {file}")
-    checkpoint = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    checkpoint = read_checkpoint(file, "model.weights", trust)
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, Mapping) else {}
     if "pixel_mean" in hparams and "pixel_std" in hparams:
         return PixelNormalization(
@@ -157,11 +161,12 @@ def initial_normalization(
     backbone_weights: str | Path | None = None,
     weights: str | Path | None = None,
     weights_source: str = "ssd_lightning",
+    trust: bool = False,
 ) -> PixelNormalization | None:
     """The normalisation of the weights a fresh run starts from (`model.weights` wins over
     `model.backbone_weights`); None from scratch or when the weights do not tell."""
     if weights:
-        return detector_normalization(arch, weights, weights_source)
+        return detector_normalization(arch, weights, weights_source, trust)
     if backbone_weights:
         return backbone_normalization(arch, backbone_weights)
     return None
@@ -176,6 +181,7 @@ def mobilenet_reduced_tail(
     backbone_weights: str | Path | None = None,
     weights: str | Path | None = None,
     weights_source: str = "ssd_lightning",
+    trust: bool = False,
 ) -> bool:
     """Whether SSDLite needs MobileNetV3's reduced tail for its initial weights (torchvision's rule): the tail
     the detector weights `weights` have when given (torchvision's COCO weights: reduced), else the full tail
@@ -185,7 +191,7 @@ def mobilenet_reduced_tail(
     path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"model.weights: file not found: {path}")
-    state = _read_detector_state(path, weights_source)
+    state = _read_detector_state(path, weights_source, trust)
     if _SSDLITE_LAST_SOURCE_KEY not in state:
         raise ValueError(
             f"model.weights={path} (source {weights_source}) holds no SSDLite MobileNetV3 detector "
@@ -250,8 +256,8 @@ def load_backbone_weights(net: SSD, source: str | Path) -> list[str]:
     return loader(net.backbone, state)
 
 
-def _read_detector_state(path: Path, source: str) -> dict[str, Tensor]:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=source != "ssd_lightning")
+def _read_detector_state(path: Path, source: str, trust: bool = False) -> dict[str, Tensor]:
+    checkpoint = read_checkpoint(path, "model.weights", trust)
     if source == "ssd_lightning":
         if "state_dict" in checkpoint:  # a Lightning checkpoint: the network's tensors are under "net."
             return {
@@ -267,7 +273,9 @@ def _is_class_score_layer(key: str) -> bool:
     return key.startswith("heads.") and ".conf." in key
 
 
-def load_detector_weights(net: SSD, path: str | Path, source: str = "ssd_lightning") -> list[str]:
+def load_detector_weights(
+    net: SSD, path: str | Path, source: str = "ssd_lightning", trust: bool = False
+) -> list[str]:
     """Initialise the whole detector from a checkpoint; returns the keys skipped for a shape mismatch.
 
     `source`: "ssd_lightning" (a checkpoint of this project), "ssd.pytorch", "torchvision" or "nvidia"
@@ -279,7 +287,7 @@ def load_detector_weights(net: SSD, path: str | Path, source: str = "ssd_lightni
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"model.weights: file not found: {path}")
-    state = _read_detector_state(path, source)
+    state = _read_detector_state(path, source, trust)
     own = net.state_dict()
     unexpected = sorted(set(state) - set(own))
     missing = sorted(set(own) - set(state))

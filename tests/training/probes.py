@@ -4,6 +4,7 @@ values to record. DDP ranks that Lightning starts as new interpreters import the
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,3 +81,42 @@ class TickingClock:
     def __call__(self) -> float:
         self.now += 1.0
         return self.now
+
+
+class StopRankAtStep(pl.Callback):
+    """Rank `rank` stops itself (SIGSTOP: a hung process, a stuck filesystem) at optimiser step `step`, after
+    writing its process id to `<run>/stopped_rank.pid`."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            (Path(trainer.default_root_dir) / "stopped_rank.pid").write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+
+class FullDisk(pl.Callback):
+    """Every checkpoint this process writes lands on a full disk: its temporary file is made a link to
+    /dev/full, which refuses writes with ENOSPC (as a full filesystem does)."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        (self.dirpath / f".last.ckpt.{os.getpid()}.partial").symlink_to("/dev/full")
+
+
+class SignalAtValidation(pl.Callback):
+    """Sends `signum` to this process during the first validation batch after optimiser step `after_step`."""
+
+    def __init__(self, signum: int, after_step: int) -> None:
+        self.signum, self.after_step, self.sent = int(signum), after_step, False
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if not self.sent and not trainer.sanity_checking and trainer.global_step >= self.after_step:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

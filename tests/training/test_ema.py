@@ -47,7 +47,7 @@ def test_the_final_test_scores_the_ema_weights_of_the_best_checkpoint(
     # eval.py / predict.py / export.py load the average too, and say so.
     eval_cfg = compose_config("eval", [f"ckpt_path={best_path}"], tmp_path / "eval")
     with caplog.at_level(logging.INFO, logger="ssd_lightning"):
-        module = load_for_inference(eval_cfg)
+        module, _ = load_for_inference(eval_cfg)
     torch.testing.assert_close(module.state_dict()[KEY], best["state_dict"][KEY], rtol=0, atol=0)
     assert f"{best_path} holds EMA weights (callbacks=ema): using the average" in caplog.text
 

@@ -90,7 +90,7 @@ def test_overfit_a_handful_of_coco128_images(coco128_root: Path, tmp_path: Path)
     assert written["map_voc07"] == result.map_voc07 and written["split"] == "val"
     assert set(written["per_class_ap_voc07"]) <= set(cfg.dataset.classes)
 
-    assert_bf16_detections_match(load_for_inference(eval_cfg), eval_cfg, result.map_voc07)
+    assert_bf16_detections_match(load_for_inference(eval_cfg)[0], eval_cfg, result.map_voc07)
 
 
 def assert_bf16_detections_match(module: SSDLitModule, cfg: DictConfig, fp32_map: float) -> None:

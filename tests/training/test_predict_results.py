@@ -58,7 +58,7 @@ def test_predict_writes_and_draws_a_known_detection_at_its_pixels(
         }
         for _ in range(len(loc))
     ]
-    monkeypatch.setattr(predict_cli, "load_for_inference", lambda cfg: module)
+    monkeypatch.setattr(predict_cli, "load_for_inference", lambda cfg: (module, Path(cfg.ckpt_path)))
     output = tmp_path / "predict"
     output.mkdir()  # Hydra's run folder
     cfg = compose_config(

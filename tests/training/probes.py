@@ -12,8 +12,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-PROBES_DIR = Path(__file__).resolve().parent
-
 
 class PoisonLossOnRank(pl.Callback):
     """At the given optimiser steps on one rank only, the localisation loss becomes NaN while every gradient

@@ -5,7 +5,6 @@ same decision, whichever rank saw the bad loss."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,8 +12,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from probes import PROBES_DIR
-from training_helpers import compose_config, run_script
+from training_helpers import compose_config, on_two_cpu_processes, probes_env, run_script
 
 from ssd_lightning.cli.train import train
 from ssd_lightning.training.nonfinite import NonFiniteLossError
@@ -101,13 +99,9 @@ def test_too_many_skipped_steps_in_a_row_stop_the_run(fast: list[str], tmp_path:
 
 def ddp_run(fast: list[str], tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
     """2 gloo ranks; rank 1 alone sees a NaN loss at step 2 (its gradients stay finite)."""
-    single = [a for a in fast if not a.startswith(("trainer.devices", "trainer.accelerator"))]
     run_dir = tmp_path / "run"
     args = [
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        *single,
+        *on_two_cpu_processes(fast),
         "+callbacks.poison._target_=probes.PoisonLossOnRank",
         "+callbacks.poison.rank=1",
         "+callbacks.poison.steps=[2]",
@@ -115,9 +109,8 @@ def ddp_run(fast: list[str], tmp_path: Path, *extra: str) -> tuple[subprocess.Co
         f"hydra.run.dir={run_dir}",
         *extra,
     ]
-    env = {"PYTHONPATH": os.pathsep.join([str(PROBES_DIR), os.environ.get("PYTHONPATH", "")])}
     # A rank that stopped alone would leave the other waiting for it: the timeout bounds the test.
-    return run_script("train.py", args, cwd=tmp_path, env=env, timeout=300), run_dir
+    return run_script("train.py", args, cwd=tmp_path, env=probes_env(), timeout=300), run_dir
 
 
 @pytest.mark.timeout(600)

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 import torch
 from test_convert import _FlatSSD300, _randomise
-from training_helpers import PROJECT_ROOT, FittedRun, check_ok, compose_config, run_script
+from training_helpers import (
+    PROJECT_ROOT,
+    FittedRun,
+    check_ok,
+    compose_config,
+    on_two_cpu_processes,
+    run_script,
+)
 
 import ssd_lightning as sl
 from ssd_lightning.cli.build import build_module, instantiate_datamodule, instantiate_loggers
@@ -119,13 +126,9 @@ def test_export_py_writes_onnx_by_default_or_where_told(fitted_run: FittedRun, t
 
 @pytest.mark.timeout(900)
 def test_ddp_spawn_trains_on_two_cpu_processes(fast: list[str], tmp_path: Path) -> None:
-    single_process = [a for a in fast if not a.startswith(("trainer.devices", "trainer.accelerator"))]
     args = [
-        "trainer=ddp",
+        *on_two_cpu_processes(fast),
         "trainer.strategy=ddp_spawn",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        *single_process,
         "trainer.max_epochs=1",
         "test=false",
         f"hydra.run.dir={tmp_path / 'run'}",

@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from probes import Recorder
-from training_helpers import compose_config
+from training_helpers import check_ok, compose_config, on_two_cpu_processes, run_script
 
 from ssd_lightning import build_ssd
 from ssd_lightning.cli import resolvers
@@ -197,10 +197,7 @@ def test_a_run_folder_is_taken_once_and_kept_however_often_it_is_resolved(
 
 @pytest.mark.timeout(900)
 def test_every_rank_of_a_ddp_run_writes_into_one_folder(fast: list[str], tmp_path: Path) -> None:
-    from training_helpers import check_ok, run_script
-
-    single = [a for a in fast if not a.startswith(("trainer.devices", "trainer.accelerator"))]
-    args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *single, "trainer.max_epochs=1"]
+    args = [*on_two_cpu_processes(fast), "trainer.max_epochs=1"]
     check_ok(run_script("train.py", [*args, "test=false"], cwd=tmp_path))  # no hydra.run.dir
     (run,) = (tmp_path / "outputs" / "train" / "runs" / "compact_shapes").iterdir()
     assert (run / "train_ddp_process_1.log").is_file()  # rank 1's log beside rank 0's

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from training_helpers import check_ok, run_script, shapes_as_voc
+from training_helpers import check_ok, on_two_cpu_processes, run_script, shapes_as_voc
 
 SHORT = ["trainer.max_epochs=1", "test=false"]
 
@@ -112,10 +112,9 @@ def test_a_sweep_never_selects_on_the_test_images(shapes_root: Path, fast: list[
 
 @pytest.mark.timeout(900)
 def test_a_ddp_spawn_job_returns_its_best_validation_value(fast: list[str], tmp_path: Path) -> None:
-    single = [a for a in fast if not a.startswith(("trainer.devices", "trainer.accelerator"))]
     sweep = tmp_path / "sweep"
-    args = ["-m", "optimizer.lr=1e-3", "trainer=ddp", "trainer.strategy=ddp_spawn", "trainer.accelerator=cpu"]
-    args += ["trainer.devices=2", *single, *SHORT, f"hydra.sweep.dir={sweep}"]
+    args = ["-m", "optimizer.lr=1e-3", *on_two_cpu_processes(fast), "trainer.strategy=ddp_spawn", *SHORT]
+    args += [f"hydra.sweep.dir={sweep}"]
     check_ok(run_script("train.py", args, cwd=tmp_path))  # the job's training runs in two spawned processes
     (job,) = summary(sweep)
     metrics = json.loads((sweep / "0" / "metrics.json").read_text())

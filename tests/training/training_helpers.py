@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,3 +93,15 @@ def shapes_as_voc(root: Path, val_sets: str = "[[shapes,train]]") -> list[str]:
         "dataset.test_sets=[[shapes,test]]",
         "dataset.num_workers=0",
     ]
+
+
+def on_two_cpu_processes(fast: Sequence[str]) -> list[str]:
+    """The `fast` overrides as a DDP run of two CPU processes (gloo)."""
+    single = [a for a in fast if not a.startswith(("trainer.devices", "trainer.accelerator"))]
+    return ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *single]
+
+
+def probes_env() -> dict[str, str]:
+    """The environment in which the other DDP ranks (new interpreters) import tests/training/probes.py."""
+    here = str(Path(__file__).resolve().parent)
+    return {"PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}

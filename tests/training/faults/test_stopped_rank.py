@@ -3,14 +3,12 @@ time, with a line naming the rank, instead of leaving the other ranks waiting fo
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from probes import PROBES_DIR
-from training_helpers import run_script
+from training_helpers import on_two_cpu_processes, probes_env, run_script
 
 from ssd_lightning.training import launch
 from ssd_lightning.training.watchdog import STALLED_EXIT_CODE, StallWatchdog, stalled_ranks
@@ -18,22 +16,17 @@ from ssd_lightning.training.watchdog import STALLED_EXIT_CODE, StallWatchdog, st
 
 @pytest.mark.timeout(300)
 def test_a_stopped_rank_ends_the_job_and_is_named(fast: list[str], tmp_path: Path) -> None:
-    single = [a for a in fast if not a.startswith(("trainer.devices", "trainer.accelerator"))]
     run_dir = tmp_path / "run"
     args = [
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        *single,
+        *on_two_cpu_processes(fast),
         "+callbacks.stop._target_=probes.StopRankAtStep",
         "+callbacks.stop.rank=1",
         "+callbacks.stop.step=3",
         "trainer.stall_timeout_s=5",
         f"hydra.run.dir={run_dir}",
     ]
-    env = {"PYTHONPATH": os.pathsep.join([str(PROBES_DIR), os.environ.get("PYTHONPATH", "")])}
     # Bounded: without the watchdog rank 0 would wait in its all-reduce for the process group's 30 minutes.
-    result = run_script("train.py", args, cwd=tmp_path, env=env, timeout=180)
+    result = run_script("train.py", args, cwd=tmp_path, env=probes_env(), timeout=180)
     output = result.stdout + result.stderr
     assert result.returncode == STALLED_EXIT_CODE, output
     assert "DDP: rank 0 finished no batch for 5 s (trainer.stall_timeout_s): rank 1 stopped" in output

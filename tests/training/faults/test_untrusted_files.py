@@ -69,8 +69,7 @@ def test_a_checkpoint_with_a_payload_is_refused_by_every_reader(
     code, errors = run_entry_point(script, [f"ckpt_path={path}", *data], tmp_path, caplog)
     assert code == 1 and not marker.exists()
     assert (
-        f"ckpt_path={path} holds a Python object (os.makedirs), which a weights-only load refuses"
-        in errors
+        f"ckpt_path={path} holds a Python object (os.makedirs), which a weights-only load refuses" in errors
     )
     assert "trust_checkpoint=true" in errors
 

@@ -37,6 +37,7 @@ from ssd_lightning.cli.preflight import (
 from ssd_lightning.cli.report import format_results, quiet_other_ranks, report, write_json
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.data.batch_plan import BatchPlan
+from ssd_lightning.sweeps.job import swept_values
 from ssd_lightning.training import launch
 from ssd_lightning.training.callbacks import LastCheckpoint, TestDetectionsPicture
 from ssd_lightning.training.checkpointing import (
@@ -292,8 +293,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero:
             launch.claim(output_dir)
             owns_folder = True
-        for logger in loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        for logger in loggers:  # a sweep job's swept values side by side (W&B groups them by sweep)
+            logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **swept_values()})
         # Checkpoints hold the training state (optimiser, loops, callbacks), not only tensors.
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False)

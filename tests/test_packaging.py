@@ -95,7 +95,7 @@ def test_the_wheel_runs_from_any_folder_with_its_own_configs(tmp_path: Path) -> 
         "ssd-export ssd_lightning.cli.export export ???\n",
     ]
     # The sweeps' Hydra plugins (hydra/launcher=submitit_slurm, hparams_search=...), found in the wheel.
-    classes = ("launchers.LocalLauncher", "launchers.SlurmLauncher")
+    classes = ("launchers.LocalLauncher", "launchers.SlurmLauncher", "sweepers.SharedStudySweeper")
     assert shown[3] == f"{[f'hydra_plugins.ssd_lightning_sweeps.{name}' for name in classes]}\n"
     user_job = "".join(shown[4:])
     assert "run_name: tiny\n" in user_job and "  name: ssd300\n" in user_job

@@ -38,6 +38,7 @@ from ssd_lightning.cli.report import format_results, quiet_other_ranks, report, 
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.data.batch_plan import BatchPlan
 from ssd_lightning.sweeps.job import swept_values
+from ssd_lightning.sweeps.pruning import trial_pruning
 from ssd_lightning.training import launch
 from ssd_lightning.training.callbacks import LastCheckpoint, TestDetectionsPicture
 from ssd_lightning.training.checkpointing import (
@@ -283,6 +284,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 requeue_signal=signal.SIGUSR1 if launch.slurm_job_id() else None,
             )
         )
+        pruning = trial_pruning(cfg)  # an Optuna sweep's job with a pruner
+        if pruning is not None:
+            callbacks.append(pruning)
         trainer = build_trainer(cfg.trainer, callbacks, loggers)
         if checkpoint is None:
             initialise_weights(cfg, module)
@@ -318,6 +322,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             write_json(output_dir / METRICS_FILE, metrics)
             log.warning("%s", interrupted)
             raise interrupted
+        if pruning is not None and pruning.pruned_at is not None:  # no test: the sweeper records it
+            metrics["step"] = trainer.global_step
+            write_json(output_dir / METRICS_FILE, metrics)
+            raise pruning.pruned()
         # Per-class tables need the evaluation in this process (not the case with ddp_spawn).
         if module.last_evaluation is not None:
             report(format_results(module.last_evaluation, "Last validation:"))

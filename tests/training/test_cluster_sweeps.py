@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing
 import os
 import socket
 from pathlib import Path
@@ -18,13 +19,15 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
+from optuna.trial import TrialState
 from probes import PROBES_DIR
-from script_runs import run_module
+from script_runs import run_module, start_script
 from test_wandb import finished_records
 from training_helpers import CONF_DIR, check_ok, run_script
 
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE
 from ssd_lightning.sweeps.resources import JobResources
+from ssd_lightning.sweeps.study import INTERRUPTED_ATTR, WORKER_ATTR, open_study
 from ssd_lightning.sweeps.submitit_jobs import executor_settings, plan_jobs, slurm_executor
 
 SHORT = ["trainer.max_epochs=1", "test=false"]
@@ -171,6 +174,89 @@ def test_the_slurm_launcher_sizes_each_job_from_its_trainer_config(
     ):
         assert line in script.splitlines(), f"{line!r} not in:\n{script}"
     assert f"{sweep_dir}/.submitit/" in script
+
+
+def _open(storage: str, barrier: multiprocessing.synchronize.Barrier, results: multiprocessing.Queue) -> None:
+    barrier.wait()
+    try:
+        results.put(open_study(storage, "race", ["maximize"])[1])
+    except Exception as error:
+        results.put(f"{type(error).__name__}: {error}")
+
+
+def test_workers_opening_a_new_sqlite_study_at_once_all_join_it(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'new.db'}"
+    context = multiprocessing.get_context("fork")  # the children only open the study
+    barrier, results = context.Barrier(4), context.Queue()
+    workers = [context.Process(target=_open, args=(storage, barrier, results)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(300)
+    # Without the lock, Optuna's schema creation fails in all but one ("table ... already exists").
+    assert sorted(results.get(timeout=10) for _ in workers) == [0, 1, 2, 3]  # each its own number (seed)
+
+
+@pytest.mark.timeout(900)
+def test_two_optuna_workers_finish_one_study_together(fast: list[str], tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"  # new: both workers create it at once
+    args = [*STUDY, "hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={storage}", *fast, *SHORT]
+    start = [("train.py", args, tmp_path, ONE_THREAD)] * 2
+    with start_script(*start[0]) as first, start_script(*start[1]) as second:
+        codes = (first.wait(600), second.wait(600))
+        outputs = [p.stdout() + p.stderr() for p in (first, second)]
+    assert codes == (0, 0), "\n".join(outputs)
+    assert not [o for o in outputs if "alembic" in o.lower() or "already exists" in o]
+    trials = load_study(storage).trials
+    assert [(t.number, t.state) for t in trials] == [(n, TrialState.COMPLETE) for n in range(4)]
+    assert len({t.params["optimizer.lr"] for t in trials}) == 4  # workers draw different trials
+    assert len({t.system_attrs[WORKER_ATTR]["pid"] for t in trials}) == 2  # both worked on it
+    # Every trial ran once, in one of the two sweep folders (a folder per trial number), with its value.
+    folders = [f for s in (tmp_path / "outputs" / "train" / "multiruns").iterdir() for f in s.iterdir()]
+    ran = sorted(int(f.name) for f in folders if f.name.isdigit())
+    assert ran == [0, 1, 2, 3]
+    for folder in (f for f in folders if f.name.isdigit()):
+        assert trials[int(folder.name)].value == pytest.approx(best_value(folder))
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_optuna_sweep_resumed_completes_its_study(fast: list[str], tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = [*STUDY, "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}", *fast, *SHORT]
+    held = tmp_path / "held"
+    hold = ["+callbacks.hold._target_=probes.HoldTraining", f"+callbacks.hold.folder={held}"]
+    with start_script("train.py", [*args, *hold], tmp_path, env=WITH_PROBES) as killed:
+        wait_for(lambda: held.is_dir() and any(held.iterdir()), "training in trial 0", killed)
+        killed.kill()  # SIGKILL: no handler runs, trial 0 stays RUNNING in the study
+        killed.wait(60)
+    assert [t.state for t in load_study(storage).trials] == [TrialState.RUNNING]
+
+    check_ok(run_script("train.py", args, cwd=tmp_path))  # the same command again
+    interrupted, *others = load_study(storage).trials
+    assert interrupted.state == TrialState.FAIL and interrupted.system_attrs[INTERRUPTED_ATTR]
+    assert [t.state for t in others] == [TrialState.COMPLETE] * 3  # n_trials, the retry included
+    (retry,) = [t for t in others if t.system_attrs.get("failed_trial") == interrupted.number]
+    assert retry.params == interrupted.params
+
+
+@pytest.mark.timeout(900)
+def test_a_pruner_stops_poor_trials_at_a_validation(fast: list[str], tmp_path: Path) -> None:
+    # Every value is below the threshold: each trial stops at its first validation, after epoch 1 of 2
+    # (`fast`: 2 epochs of 6 steps, a validation after each).
+    pruner = "hydra.sweeper.pruner={_target_:optuna.pruners.ThresholdPruner,lower:2.0}"
+    sweep = tmp_path / "sweep"
+    args = [*STUDY, "hydra.sweeper.n_trials=2", pruner, *fast, "test=false", f"hydra.sweep.dir={sweep}"]
+    check_ok(run_script("train.py", args, cwd=tmp_path))  # pruned trials do not fail the sweep
+    trials = load_study(f"sqlite:///{sweep / 'optuna.db'}").trials
+    steps_per_epoch = 24 // 4
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    for trial in trials:
+        assert list(trial.intermediate_values) == [steps_per_epoch]
+        metrics = json.loads((sweep / str(trial.number) / "metrics.json").read_text())
+        assert metrics["step"] == steps_per_epoch  # the training stopped there
+        assert trial.intermediate_values[steps_per_epoch] == pytest.approx(metrics["val/map_voc07"])
+    assert [j["status"] for j in summary(sweep)] == ["PRUNED", "PRUNED"]
+    assert [r["status"] for r in report_rows(sweep)] == ["PRUNED", "PRUNED"]
 
 
 def _job(sweep: Path, name: str, best: float | None, last: float, lr: float) -> Path:

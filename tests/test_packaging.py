@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from setuptools import find_packages
+from setuptools import find_namespace_packages, find_packages
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 IGNORED = shutil.ignore_patterns("__pycache__", "*.egg-info")
@@ -21,7 +21,9 @@ IGNORED = shutil.ignore_patterns("__pycache__", "*.egg-info")
 def test_pyproject_lists_every_code_package() -> None:
     pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())
     listed = set(pyproject["tool"]["setuptools"]["packages"]) - {"ssd_lightning.conf"}
-    assert listed == set(find_packages(str(PROJECT_ROOT), include=["ssd_lightning*"]))
+    ours = find_packages(str(PROJECT_ROOT), include=["ssd_lightning*"])
+    plugins = find_namespace_packages(str(PROJECT_ROOT), include=["hydra_plugins.*"])  # Hydra's namespace
+    assert listed == set(ours) | set(plugins)
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
@@ -33,7 +35,7 @@ def run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> str
 @pytest.mark.timeout(900)
 def test_the_wheel_runs_from_any_folder_with_its_own_configs(tmp_path: Path) -> None:
     source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info beside the sources
-    for folder in ("conf", "ssd_lightning"):
+    for folder in ("conf", "ssd_lightning", "hydra_plugins"):
         shutil.copytree(PROJECT_ROOT / folder, source / folder, ignore=IGNORED)
     for file in ("pyproject.toml", "README.md"):
         shutil.copy(PROJECT_ROOT / file, source / file)
@@ -78,6 +80,8 @@ def test_the_wheel_runs_from_any_folder_with_its_own_configs(tmp_path: Path) -> 
         "    with initialize_config_dir(config_dir=str(config_dir()), version_base=HYDRA_VERSION_BASE):\n"
         "        cfg = compose(config)\n"
         "    print(name, main.__module__, cfg.task_name, cfg._get_node('ckpt_path')._value())\n"
+        "from hydra.core.plugins import Plugins\n"
+        "print(sorted(n for n in Plugins.instance().class_name_to_class if 'ssd_lightning' in n))\n"
         "sys.argv = ['ssd-train', '--config-dir', 'my_configs', 'experiment=tiny_ssd300', '--cfg', 'job']\n"
         "scripts['ssd-train'].load()()\n"
     )
@@ -90,6 +94,9 @@ def test_the_wheel_runs_from_any_folder_with_its_own_configs(tmp_path: Path) -> 
         "ssd-predict ssd_lightning.cli.predict predict ???\n",
         "ssd-export ssd_lightning.cli.export export ???\n",
     ]
-    user_job = "".join(shown[3:])
+    # The sweeps' Hydra plugins (hydra/launcher=submitit_slurm, hparams_search=...), found in the wheel.
+    classes = ("launchers.LocalLauncher", "launchers.SlurmLauncher", "sweepers.SharedStudySweeper")
+    assert shown[3] == f"{[f'hydra_plugins.ssd_lightning_sweeps.{name}' for name in classes]}\n"
+    user_job = "".join(shown[4:])
     assert "run_name: tiny\n" in user_job and "  name: ssd300\n" in user_job
     assert "  global_batch_size: 4\n" in user_job

@@ -5,11 +5,15 @@
   folder, and a SLURM job requeued after pre-emption finds its folder again. A plain command gets a new folder
   named by the time, created at once so that no other launch gets it, and the same one however often it is
   resolved in this process (Lightning's DDP launcher reads `hydra.run.dir` again to start the other ranks).
+  `ssd.run_folder` is the same for `hydra.run.dir`, except while a sweep composes its jobs' configs: a sweep
+  job never uses `hydra.run.dir`, and composing resolves it (a merge over an interpolation does).
 - `ssd.run_dir` / `ssd.hydra_subdir`: resuming (`ckpt_path=`) continues the checkpoint's own run folder.
 - `ssd.pixel_mean` / `ssd.pixel_std`: the input normalisation that the initial weights were trained with.
 - `ssd.reduced_tail`: SSDLite's MobileNetV3 tail, the one the initial weights have (torchvision's rule).
 - `ssd.strategy`: `trainer.strategy: auto` written out as what Lightning picks for the devices asked for, so
   that `--cfg job --resolve` shows `ddp` for `trainer.devices=4`.
+- `ssd.job_*`: what a sweep job asks its scheduler for (conf/hydra/launcher/), from its trainer config.
+- `ssd.sweep_group`: the W&B group of a sweep job (its sweep folder's name), null outside sweeps.
 """
 
 from __future__ import annotations
@@ -20,8 +24,12 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import ListConfig, OmegaConf
 
+from ssd_lightning.sweeps import resources
+from ssd_lightning.sweeps.job import sweep_group
 from ssd_lightning.training import launch
 from ssd_lightning.training.checkpointing import resolve_checkpoint, run_folder_of
 from ssd_lightning.training.weights import (
@@ -56,6 +64,14 @@ def new_folder(parent: str) -> str:
     return _claimed[key]
 
 
+def new_run_folder(parent: str) -> str:
+    """`new_folder` for `hydra.run.dir`; nothing is claimed while Hydra's config is a sweep's (the sweep
+    composes each job's whole config, whose `hydra.run.dir` no job uses)."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"{parent}/unused-in-sweeps"
+    return new_folder(parent)
+
+
 def run_dir(runs: str, ckpt_path: str | None) -> str:
     """The run folder: the resumed checkpoint's own (`<run>/checkpoints/*.ckpt`, or for `last` the newest
     last.ckpt under `runs`), else a new one under `runs`."""
@@ -67,7 +83,7 @@ def run_dir(runs: str, ckpt_path: str | None) -> str:
         folder = run_folder_of(found) if found is not None else None
         if folder is not None:
             return str(folder)
-    return new_folder(runs)
+    return new_run_folder(runs)
 
 
 def hydra_subdir(ckpt_path: str | None) -> str | None:
@@ -141,6 +157,7 @@ def register() -> None:
     """Register the resolvers (again: replacing is harmless, a test may have cleared them)."""
     # Cached per config too: Hydra copies the cache into each job's config (submitit: into other processes).
     OmegaConf.register_new_resolver("ssd.new_folder", new_folder, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver("ssd.run_folder", new_run_folder, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("ssd.run_dir", run_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("ssd.hydra_subdir", hydra_subdir, replace=True, use_cache=True)
     # Cached per arguments: reading the weights' convention may open a file.
@@ -148,3 +165,7 @@ def register() -> None:
     OmegaConf.register_new_resolver("ssd.pixel_std", pixel_std, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("ssd.reduced_tail", reduced_tail, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("ssd.strategy", strategy, replace=True)
+    OmegaConf.register_new_resolver("ssd.job_tasks_per_node", resources.job_tasks_per_node, replace=True)
+    OmegaConf.register_new_resolver("ssd.job_gpus_per_node", resources.job_gpus_per_node, replace=True)
+    OmegaConf.register_new_resolver("ssd.job_cpus_per_task", resources.job_cpus_per_task, replace=True)
+    OmegaConf.register_new_resolver("ssd.sweep_group", sweep_group, replace=True)

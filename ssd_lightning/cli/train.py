@@ -38,6 +38,8 @@ from ssd_lightning.cli.preflight import (
 from ssd_lightning.cli.report import format_results, quiet_other_ranks, report, write_json
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.data.batch_plan import BatchPlan
+from ssd_lightning.sweeps.job import swept_values
+from ssd_lightning.sweeps.pruning import trial_pruning
 from ssd_lightning.training import launch
 from ssd_lightning.training.callbacks import LastCheckpoint, TestDetectionsPicture
 from ssd_lightning.training.checkpointing import (
@@ -291,6 +293,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks.append(
             StallWatchdog(float(cfg.trainer.get("stall_timeout_s", 1800)), last_path, output_dir)
         )
+        pruning = trial_pruning(cfg)  # an Optuna sweep's job with a pruner
+        if pruning is not None:
+            callbacks.append(pruning)
         trainer = build_trainer(cfg.trainer, callbacks, loggers)
         if checkpoint is None:
             initialise_weights(cfg, module)
@@ -301,8 +306,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if trainer.is_global_zero:
             launch.claim(output_dir)
             owns_folder = True
-        for logger in loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        for logger in loggers:  # a sweep job's swept values side by side (W&B groups them by sweep)
+            logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), **swept_values()})
         try:
             # Read by the weights-only unpickler like every file we load, unless trust_checkpoint=true.
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
@@ -326,6 +331,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             write_json(output_dir / METRICS_FILE, metrics)
             log.warning("%s", interrupted)
             raise interrupted
+        if pruning is not None and pruning.pruned_at is not None:  # no test: the sweeper records it
+            metrics["step"] = trainer.global_step
+            write_json(output_dir / METRICS_FILE, metrics)
+            raise pruning.pruned()
         # Per-class tables need the evaluation in this process (not the case with ddp_spawn).
         if module.last_evaluation is not None:
             report(format_results(module.last_evaluation, "Last validation:"))

@@ -118,3 +118,42 @@ class SignalAtValidation(pl.Callback):
         if not self.sent and not trainer.sanity_checking and trainer.global_step >= self.after_step:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+def _wait_for(condition: Any, what: str, deadline_s: float) -> None:
+    """Poll `condition` until it holds; fail after `deadline_s` (generous: the machine may be loaded)."""
+    import time
+
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > end:
+            raise RuntimeError(f"gave up after {deadline_s:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class MeetPeers(pl.Callback):
+    """At the start of training, each job writes `<folder>/<pid>` and waits until `count` jobs have: the jobs
+    of a sweep pass only if they run at the same time (one after another, the first waits in vain)."""
+
+    def __init__(self, folder: str, count: int, deadline_s: float = 300.0) -> None:
+        self.folder, self.count, self.deadline_s = Path(folder), count, deadline_s
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / str(os.getpid())).write_text("")
+        _wait_for(
+            lambda: len(list(self.folder.iterdir())) >= self.count, f"{self.count} jobs", self.deadline_s
+        )
+
+
+class HoldTraining(pl.Callback):
+    """At the start of training, writes `<folder>/<pid>` and waits there (until killed, or `deadline_s`): a
+    job that is running, for a test that stops its process."""
+
+    def __init__(self, folder: str, deadline_s: float = 300.0) -> None:
+        self.folder, self.deadline_s = Path(folder), deadline_s
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / str(os.getpid())).write_text("")
+        _wait_for(lambda: False, "the test to stop this process", self.deadline_s)

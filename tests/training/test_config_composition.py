@@ -236,7 +236,11 @@ def test_debug_options_shorten_the_papers_schedule(debug: str, dataset: str, tmp
 def test_optuna_search_composes() -> None:
     with initialize_config_dir(config_dir=CONF_DIR, version_base=HYDRA_VERSION_BASE):
         cfg = compose("train", overrides=["hparams_search=optuna_lr"], return_hydra_config=True)
-    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+        pruned = compose("train", ["hparams_search=optuna_lr", "hydra/sweeper/pruner=median"], True)
+    assert cfg.hydra.sweeper._target_.endswith("SharedStudySweeper")  # a study several processes share
     # The built-in data's validation metric (VOC07 mAP), maximised.
     assert cfg.hydra.sweeper.direction == "maximize" and cfg.optimized_metric == "val/map_voc07"
     assert "optimizer.lr" in cfg.hydra.sweeper.params
+    assert cfg.hydra.sweeper.pruner is None and cfg.hydra.sweeper.sampler.seed == 1234
+    assert pruned.hydra.sweeper.pruner._target_ == "optuna.pruners.MedianPruner"
+    assert pruned.hydra.sweeper.n_trials == 20  # the pruner changes nothing else

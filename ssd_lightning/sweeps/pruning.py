@@ -41,10 +41,12 @@ class OptunaPruning(pl.Callback):
         if self._trial is None:
             import optuna
 
-            from ssd_lightning.sweeps.study import quiet_storage_logs
+            from ssd_lightning.sweeps.study import quiet_storage
 
-            quiet_storage_logs()
-            study = optuna.load_study(study_name=self.study_name, storage=self.storage, pruner=self.pruner)
+            with quiet_storage():
+                study = optuna.load_study(
+                    study_name=self.study_name, storage=self.storage, pruner=self.pruner
+                )
             trial_id = study._storage.get_trial_id_from_study_id_trial_number(
                 study._study_id, self.trial_number
             )

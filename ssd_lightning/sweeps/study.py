@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import logging.config
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -80,9 +81,18 @@ def _storage(url: str | None) -> Any:
     raise AssertionError("unreachable")
 
 
-def quiet_storage_logs() -> None:
-    """Alembic logs every schema check and migration at INFO: pages of lines in a sweep's log."""
+@contextmanager
+def quiet_storage() -> Iterator[None]:
+    """Opening a study keeps this process's logging as it is. Optuna runs alembic's env.py when it creates
+    or checks a study's schema, and that calls `logging.config.fileConfig(alembic.ini)`: it would replace
+    the process's handlers, disable its loggers and log every schema step at INFO (pages of lines)."""
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    file_config = logging.config.fileConfig
+    logging.config.fileConfig = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        logging.config.fileConfig = file_config
 
 
 def open_study(
@@ -90,8 +100,7 @@ def open_study(
 ) -> tuple[optuna.Study, int]:
     """The study `name` in `url` (created, or loaded to continue it), and this worker's number in it
     (0 for the first process that opened it)."""
-    quiet_storage_logs()
-    with study_lock(url):
+    with quiet_storage(), study_lock(url):
         study = optuna.create_study(
             study_name=name,
             storage=_storage(url),

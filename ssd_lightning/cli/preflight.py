@@ -47,7 +47,7 @@ MANDATORY_OPTIONS = {
 
 # Values a user sets on the command line most, by entry point: (key, kind, example). Checked before anything
 # loads, so that `optimizer.lr=abc` is one line, not a traceback from inside torch.
-_NUMBER, _WHOLE = "a number", "a whole number"
+_NUMBER, _WHOLE, _WHOLE_OR_AUTO = "a number", "a whole number", "a whole number or auto"
 CHECKED_VALUES = {
     "train.py": [
         ("seed", _WHOLE, "seed=42 (or seed=null)"),
@@ -56,7 +56,7 @@ CHECKED_VALUES = {
         ("optimizer.momentum", _NUMBER, "optimizer.momentum=0.9"),
         ("dataset.global_batch_size", _WHOLE, "dataset.global_batch_size=32"),
         ("dataset.batch_size", _WHOLE, "dataset.batch_size=8"),
-        ("dataset.num_workers", _WHOLE, "dataset.num_workers=4"),
+        ("dataset.num_workers", _WHOLE_OR_AUTO, "dataset.num_workers=4"),
         ("trainer.max_epochs", _WHOLE, "trainer.max_epochs=10"),
         ("trainer.max_steps", _WHOLE, "trainer.max_steps=120000"),
         ("trainer.stall_timeout_s", _NUMBER, "trainer.stall_timeout_s=1800"),
@@ -75,6 +75,8 @@ def _is_kind(value: Any, kind: str) -> bool:
         return True  # null: the option's own meaning (no seed, derived batch...)
     if isinstance(value, bool):
         return False
+    if kind == _WHOLE_OR_AUTO:
+        return value == "auto" or isinstance(value, int)
     return isinstance(value, int) if kind == _WHOLE else isinstance(value, (int, float))
 
 

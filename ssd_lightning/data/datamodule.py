@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
@@ -61,9 +62,26 @@ def seed_worker(worker_id: int, rank: int = 0) -> None:
         transform.reseed(seed)
 
 
-def usable_workers(requested: int) -> int:
-    """`requested` DataLoader workers, at most one per CPU this process may run on (more only queue up)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def usable_workers(requested: int | str, on_cpu: bool = False, processes_per_node: int = 1) -> int:
+    """`requested` DataLoader workers, at most one per CPU this process may run on (more only queue up).
+
+    `auto`: training on the CPU, none on a machine of 2 CPUs (the training step needs both cores; workers
+    only contend with it: the built-in run trains at 152 images/s with none, 125 with 2, on 2 cores,
+    experiments/first_run/README.md), else a quarter of the CPUs; on accelerators, the CPUs of this
+    process's share of the node less one (for the training process), at most 8."""
+    cpus = usable_cpus()
+    if requested == "auto":
+        if on_cpu:
+            return 0 if cpus <= 2 else cpus // 4
+        # A process pinned to its own CPUs (SLURM, torchrun) has them to itself; else the node's are shared.
+        share = cpus // max(1, processes_per_node) if cpus == (os.cpu_count() or cpus) else cpus
+        return max(1, min(8, share - 1))
+    requested = int(requested)
     if requested > cpus:
         rank_zero_info(f"dataset.num_workers={requested} but this process may use {cpus} CPUs: using {cpus}")
     return min(requested, cpus)
@@ -108,7 +126,7 @@ class DetectionDataModule(pl.LightningDataModule):
         batch_size: images per batch PER DEVICE instead (the global batch is then batch_size x devices x
             nodes x accumulated batches); one of the two is needed.
         num_workers, pin_memory, persistent_workers: DataLoader settings (workers: at most the CPUs this
-            process may use).
+            process may use; ``auto`` follows the machine, see :func:`usable_workers`).
         train_sets, val_sets, test_sets: voc only, lists of ``[year, image_set]``.
         train_split, val_split, test_split: coco only (test defaults to the val split).
         predict_root: folder of images for ``predict``; None predicts on the test split.
@@ -135,7 +153,7 @@ class DetectionDataModule(pl.LightningDataModule):
         std: Sequence[float] = (58.395, 57.12, 57.375),
         global_batch_size: int | None = None,
         batch_size: int | None = None,
-        num_workers: int = 4,
+        num_workers: int | str = "auto",
         pin_memory: bool = True,
         persistent_workers: bool = True,
         train_sets: Sequence[Sequence[Any]] | None = None,
@@ -188,7 +206,9 @@ class DetectionDataModule(pl.LightningDataModule):
         if not 0.0 <= float(val_holdout) < 1.0:
             raise ValueError(f"dataset.val_holdout must be a fraction in [0, 1), got {val_holdout}")
         self.val_holdout = float(val_holdout)
-        self.num_workers = int(num_workers)
+        if num_workers != "auto" and int(num_workers) < 0:
+            raise ValueError(f"dataset.num_workers must be >= 0 or auto, got {num_workers}")
+        self.num_workers = num_workers if num_workers == "auto" else int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.predict_root = predict_root
@@ -408,7 +428,8 @@ class DetectionDataModule(pl.LightningDataModule):
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
             )
-        workers = usable_workers(self.num_workers)
+        on_cpu = trainer is None or isinstance(trainer.accelerator, CPUAccelerator)
+        workers = usable_workers(self.num_workers, on_cpu, trainer.num_devices if trainer is not None else 1)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

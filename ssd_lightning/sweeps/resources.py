@@ -41,9 +41,13 @@ def job_gpus_per_node(devices: Any, accelerator: Any) -> int | None:
     return devices_per_node(devices)
 
 
+#: What a job asks for per task when `dataset.num_workers: auto` (its loader then takes all but one of them).
+AUTO_CPUS_PER_TASK = 5
+
+
 def job_cpus_per_task(num_workers: Any) -> int:
     """The training process and its data loader workers."""
-    return int(num_workers or 0) + 1
+    return AUTO_CPUS_PER_TASK if num_workers == "auto" else int(num_workers or 0) + 1
 
 
 @dataclass(frozen=True)

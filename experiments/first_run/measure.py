@@ -98,6 +98,33 @@ def _evaluate(clone: Path, checkpoint: Path, seed: int, cache: Path, out: Path) 
     }
 
 
+def _generation_s(log_file: Path) -> float:
+    """Seconds the shapes data took to generate, from the run's log ("generated N images in X s")."""
+    for line in log_file.read_text().splitlines():
+        if "generated" in line and " images in " in line:
+            return float(line.rsplit(" in ", 1)[1].split()[0])
+    return 0.0
+
+
+def _phases(timing: dict[str, Any], log_file: Path, started_at: float, ended_at: float) -> dict[str, float]:
+    """Where the run's wall time went: start-up (imports, config, model), data generation, training steps,
+    validation, the rest of fit (checkpoints, loops), the test pass, and what follows it (the detections
+    picture, metrics.json, exit)."""
+    clock = timing["clock"]
+    generation = _generation_s(log_file)
+    fit_end = clock.get("fit_end", clock["fit_start"])
+    phases = {
+        "start_up": clock["fit_start"] - started_at - generation,
+        "data_generation": generation,
+        "train_steps": timing["train_s"],
+        "validation": timing["val_s"],
+        "fit_other": fit_end - clock["fit_start"] - timing["train_s"] - timing["val_s"],
+        "test": clock.get("test_end", fit_end) - fit_end,
+        "after_test": ended_at - clock.get("test_end", fit_end),
+    }
+    return {name: round(seconds, 1) for name, seconds in phases.items()}
+
+
 def measure_once(overrides: list[str], seeds: list[int], throughput: bool, keep: bool) -> dict[str, Any]:
     commit = _git("rev-parse", "HEAD")
     scratch = Path(tempfile.mkdtemp(prefix="first_run_"))
@@ -109,9 +136,9 @@ def measure_once(overrides: list[str], seeds: list[int], throughput: bool, keep:
         env = {**os.environ, "SSD_DATA_CACHE": str(cache)}
         command = [sys.executable, "train.py", *([THROUGHPUT] if throughput else []), *overrides]
         load_before = _load()
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), time.time()
         train = subprocess.run(command, cwd=clone, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - start
+        wall, ended_at = time.perf_counter() - start, time.time()
         load_after = _load()
         if train.returncode != 0:
             raise RuntimeError(f"train.py failed ({train.returncode}):\n{train.stderr[-4000:]}")
@@ -140,7 +167,8 @@ def measure_once(overrides: list[str], seeds: list[int], throughput: bool, keep:
         }
         if throughput and (run / "throughput.json").is_file():
             timing = json.loads((run / "throughput.json").read_text())
-            record["throughput"] = {k: v for k, v in timing.items() if k != "epochs"}
+            record["throughput"] = {k: v for k, v in timing.items() if k not in ("epochs", "clock")}
+            record["phases_s"] = _phases(timing, run / "train.log", started_at, ended_at)
         checkpoint = _checkpoint(run)
         record["checkpoint"] = checkpoint.name
         record["fresh_seeds"] = {

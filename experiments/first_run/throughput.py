@@ -34,10 +34,12 @@ class Throughput(pl.Callback):
         self._fit_start = 0.0
         self._load_start: tuple[float, float, float] = (0.0, 0.0, 0.0)
         self._epochs: list[dict[str, float]] = []
+        self._clock: dict[str, float] = {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
         self._load_start = os.getloadavg()
+        self._clock["fit_start"] = time.time()  # wall-clock times: the caller times what lies around them
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = self._last_batch_end = time.perf_counter()
@@ -71,9 +73,11 @@ class Throughput(pl.Callback):
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.test_s += time.perf_counter() - self._stage_start
+        self._clock["test_end"] = time.time()
         self._write(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._clock["fit_end"] = time.time()
         self._write(trainer)
 
     def _write(self, trainer: pl.Trainer) -> None:
@@ -88,6 +92,7 @@ class Throughput(pl.Callback):
             "load_at_fit_start": [round(v, 2) for v in self._load_start],
             "load_now": [round(v, 2) for v in os.getloadavg()],
             "epochs": self._epochs,
+            "clock": self._clock,
         }
         folder = Path(trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)

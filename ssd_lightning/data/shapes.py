@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -311,6 +312,7 @@ def ensure_shapes_dataset(
         if _manifest_matches(folder, params):  # another process made it while we waited
             return root
         log.info("generating the shapes dataset into %s", folder)
+        start = time.perf_counter()
         for stale in root.glob(".tmp-shapes-*"):  # left by a process killed mid-write
             shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(dir=root, prefix=".tmp-shapes-") as scratch:
@@ -318,6 +320,8 @@ def ensure_shapes_dataset(
             if folder.exists():
                 shutil.rmtree(folder)
             os.replace(Path(scratch) / SHAPES_FOLDER, folder)
+        images = params["num_train"] + params["num_val"] + params["num_test"]
+        log.info("generated %d images in %.1f s", images, time.perf_counter() - start)
     return root
 
 

@@ -6,7 +6,6 @@ MultiBoxLoss, post-processing and the VOC metric.
 
 from ssd_lightning import metrics
 from ssd_lightning.boxes import decode, encode, match_priors
-from ssd_lightning.convert import convert_state_dict
 from ssd_lightning.loss import MultiBoxLoss
 from ssd_lightning.models import (
     SSD,
@@ -16,6 +15,7 @@ from ssd_lightning.models import (
     load_vgg16_backbone,
     pixel_normalization,
 )
+from ssd_lightning.models.conversion import convert_state_dict
 from ssd_lightning.postprocess import DetectionConfig, detect
 from ssd_lightning.priors import PriorSpec, generate_priors, prior_preset
 

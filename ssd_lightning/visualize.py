@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, make_grid
@@ -70,3 +71,14 @@ def upscale(image: Tensor, boxes: Sequence[Tensor], min_side: int) -> tuple[Tens
 def image_grid(images: Sequence[Tensor], columns: int = 4) -> Tensor:
     """Equal-sized uint8 [3,H,W] images in a grid (white gaps), for one picture of a batch of results."""
     return make_grid(list(images), nrow=columns, padding=6, pad_value=255)
+
+
+def denormalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A normalised [3,H,W] image back to uint8 HxWx3 RGB (mean/std on the 0-255 scale); uint8 pixels
+    (the data module's images before `SSDLitModule` normalises them) are only transposed."""
+    if image.dtype == torch.uint8:
+        return image.permute(1, 2, 0).cpu().numpy()
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=image.device)[:, None, None]
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=image.device)[:, None, None]
+    pixels = (image.float() * std_t + mean_t).clamp(0, 255).round().to(torch.uint8)
+    return pixels.permute(1, 2, 0).cpu().numpy()

@@ -28,6 +28,7 @@ from ssd_lightning.benchmark.suites import (
     postprocess_benchmark,
     train_step_benchmark,
 )
+from ssd_lightning.models.architectures import ARCHITECTURES, get_architecture
 
 DEFAULT_OUT_DIR = Path("experiments/benchmarks")
 # (warmup, repeats, number) per benchmark on CPU and on CUDA: CPU runs are kept short (a shared 2-core box).
@@ -43,21 +44,24 @@ COMPILE_WARMUP = 5
 # Batch of the training step and of inference throughput.
 NETWORK_BATCH = {"cpu": 2, "cuda": 32}
 INFERENCE_BATCH = {"cpu": 4, "cuda": 32}
-ARCHS = ("vgg16", "compact", "mobilenet_v3_large", "resnet50")
-# Input sizes when --size is not given: (train-step, inference) per arch.
-DEFAULT_SIZES = {
-    "vgg16": ([300, 512], [300]),
-    "compact": ([300], [300]),
-    "mobilenet_v3_large": ([320], [320]),
-    "resnet50": ([300], [300]),
-}
 
 
 def _sizes(args: argparse.Namespace, training: bool) -> list[int]:
+    """--size, else every size the arch comes in for a train step and its usual size for inference."""
     if args.size:
         return list(args.size)
-    train_sizes, inference_sizes = DEFAULT_SIZES[args.arch]
-    return train_sizes if training else inference_sizes
+    architecture = get_architecture(args.arch)
+    if training and architecture.sizes:
+        return list(architecture.sizes)
+    return [architecture.default_size]
+
+
+def _arch(name: str) -> str:
+    try:
+        get_architecture(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
 
 
 def _settings(args: argparse.Namespace, device: torch.device, benchmark: str) -> Settings:
@@ -249,10 +253,10 @@ def _network_options(parser: argparse.ArgumentParser, optimizer: bool) -> None:
     )
     parser.add_argument(
         "--arch",
-        choices=ARCHS,
+        type=_arch,
         default="vgg16",
-        help="mobilenet_v3_large: SSDLite320 vs torchvision's; resnet50 (NVIDIA's SSD300) and compact (the "
-        "CPU-sized model): ours only",
+        help=f"one of {', '.join(ARCHITECTURES)} or timm:<name>. mobilenet_v3_large: SSDLite320 vs "
+        "torchvision's; the others: ours only",
     )
     parser.add_argument("--batch", type=int, help="batch size (default: 32 on CUDA, small on CPU)")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32")

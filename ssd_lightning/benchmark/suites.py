@@ -26,9 +26,9 @@ from ssd_lightning.benchmark.workloads import (
     to_device,
     to_pixels,
 )
-from ssd_lightning.convert import convert_state_dict
 from ssd_lightning.loss import MultiBoxLoss
 from ssd_lightning.models import SSD, build_ssd
+from ssd_lightning.models.conversion import convert_state_dict
 from ssd_lightning.models.heads import class_logit_conv
 from ssd_lightning.postprocess import DetectionConfig, detect
 from ssd_lightning.priors import generate_priors, prior_preset

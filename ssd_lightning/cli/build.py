@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -14,11 +15,13 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.accelerators import CUDAAccelerator
-from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.loggers import Logger
 from pytorch_lightning.plugins.io import CheckpointIO
 
-from ssd_lightning.training.checkpointing import AtomicCheckpointIO
+from ssd_lightning.checkpoint_files import CheckpointDamaged, load_checkpoint
+from ssd_lightning.training.checkpointing import AtomicCheckpointIO, last_checkpoints, resolve_checkpoint
 from ssd_lightning.training.module import SSDLitModule
+from ssd_lightning.training.wandb_logging import continued_run
 
 log = logging.getLogger("ssd_lightning")
 
@@ -27,8 +30,8 @@ DATASET_CONFIG_KEYS = ("monitor", "prior_sizes")
 #: Key of conf/optimizer/*.yaml that is ours, not an argument of the torch optimiser.
 BASE_BATCH_KEY = "base_batch_size"
 GPU_ACCELERATORS = ("gpu", "cuda")
-#: Keys of conf/trainer/*.yaml that are ours (NonFiniteGuard), not Trainer arguments.
-OUR_TRAINER_KEYS = ("on_nonfinite", "nonfinite_skip_limit", "stall_timeout_s")
+#: Keys of conf/trainer/*.yaml that are ours (StallWatchdog), not Trainer arguments.
+OUR_TRAINER_KEYS = ("stall_timeout_s",)
 
 
 def instantiate_plainly(node: DictConfig, **kwargs: Any) -> Any:
@@ -45,17 +48,24 @@ def instantiate_plainly(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
-def instantiate_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
-    """The DataModule of `cfg.dataset`, checked against the model's input size."""
+def instantiate_datamodule(
+    cfg: DictConfig,
+    image_size: int | None = None,
+    pixel_mean: Sequence[float] | None = None,
+    pixel_std: Sequence[float] | None = None,
+) -> pl.LightningDataModule:
+    """The DataModule of `cfg.dataset` for a network's input: its size and normalisation, `cfg.model`'s
+    unless given (eval, predict: the checkpoint's). A plug-in `dataset.source` stays a spec (plain data)
+    for the DataModule to build, so that checkpoints keep it."""
     node = OmegaConf.to_container(cfg.dataset, resolve=True)
     arguments = {k: v for k, v in node.items() if k not in DATASET_CONFIG_KEYS}
-    datamodule = instantiate_plainly(OmegaConf.create(arguments))
-    if int(datamodule.image_size) != int(cfg.model.image_size):
-        raise ValueError(
-            f"dataset.image_size={datamodule.image_size} but the model takes {cfg.model.image_size}px input "
-            f"(model.image_size); leave dataset.image_size at its default ${{model.image_size}}"
-        )
-    return datamodule
+    return instantiate_plainly(
+        OmegaConf.create(arguments),
+        image_size=int(image_size if image_size is not None else cfg.model.image_size),
+        mean=list(pixel_mean if pixel_mean is not None else cfg.model.pixel_mean),
+        std=list(pixel_std if pixel_std is not None else cfg.model.pixel_std),
+        _recursive_=False,
+    )
 
 
 def category_ids_of(datamodule: pl.LightningDataModule) -> list[int] | None:
@@ -132,18 +142,6 @@ def _entries(group: DictConfig | None, kind: str) -> list[tuple[str, DictConfig]
 def instantiate_callbacks(group: DictConfig | None, skip: tuple[str, ...] = ()) -> list[pl.Callback]:
     """Callbacks of `cfg.callbacks`, except those named in `skip`."""
     return [instantiate_plainly(entry) for name, entry in _entries(group, "callbacks") if name not in skip]
-
-
-def instantiate_loggers(group: DictConfig | None, wandb_run_id: str | None = None) -> list[Logger]:
-    """Loggers of `cfg.logger`; a W&B logger continues run `wandb_run_id` unless the config names one."""
-    loggers = []
-    for _, entry in _entries(group, "logger"):
-        if wandb_run_id and entry._target_.endswith("WandbLogger") and not entry.get("id"):
-            log.info("Continuing W&B run %s", wandb_run_id)
-            loggers.append(instantiate_plainly(entry, id=wandb_run_id, resume="allow"))
-        else:
-            loggers.append(instantiate_plainly(entry))
-    return loggers
 
 
 def native_bf16() -> bool:
@@ -237,8 +235,41 @@ def build_trainer(trainer_cfg: DictConfig, callbacks: list[pl.Callback], loggers
     )
 
 
-def finish_wandb(loggers: list[Logger]) -> None:
-    """Close the W&B run, so that the next job of a multirun starts its own."""
-    for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
+def _newest_intact_last(search_dir: str, trust: bool) -> tuple[Path, dict]:
+    """`ckpt_path=last` for reading: the newest last.ckpt that loads, skipping (and naming) damaged ones."""
+    damaged = []
+    for path in last_checkpoints(search_dir):
+        try:
+            checkpoint = load_checkpoint(path, "ckpt_path", trust)
+        except CheckpointDamaged as error:
+            damaged.append(str(error))
+            continue
+        for reason in damaged:
+            log.warning("ckpt_path=last: skipped %s", reason)
+        if damaged:
+            log.warning("ckpt_path=last: using %s, the newest intact last.ckpt", path)
+        return path, checkpoint
+    raise CheckpointDamaged(
+        "ckpt_path=last: no intact last.ckpt under " + search_dir + ":\n" + "\n".join(damaged)
+    )
+
+
+def load_for_inference(cfg: DictConfig) -> tuple[SSDLitModule, Path]:
+    """The module of `cfg.ckpt_path` (a file, or `last`: the newest intact last.ckpt of the training runs)
+    and the file it came from, read without running any code it may hold unless `trust_checkpoint=true`."""
+    trust = bool(cfg.get("trust_checkpoint", False))
+    if str(cfg.ckpt_path) == "last":
+        ckpt_path, checkpoint = _newest_intact_last(f"{cfg.paths.log_dir}/train", trust)
+    else:
+        ckpt_path = resolve_checkpoint(cfg.ckpt_path, f"{cfg.paths.log_dir}/train")
+        checkpoint = load_checkpoint(ckpt_path, "ckpt_path", trust)
+    module = SSDLitModule.from_checkpoint(checkpoint)
+    if module.loaded_ema_weights:
+        log.info("%s holds EMA weights (callbacks=ema): using the average, not the raw weights", ckpt_path)
+    return module, Path(ckpt_path)
+
+
+def instantiate_loggers(group: DictConfig | None, wandb_run_id: str | None = None) -> list[Logger]:
+    """Loggers of `cfg.logger`; a W&B logger continues run `wandb_run_id` unless the config names one."""
+    entries = _entries(group, "logger")
+    return [instantiate_plainly(entry, **continued_run(entry, wandb_run_id)) for _, entry in entries]

@@ -13,12 +13,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ssd_lightning.cli.eval import load_for_inference
+from ssd_lightning.checkpoint_files import SAFETENSORS_SUFFIX, save_safetensors
+from ssd_lightning.cli.build import load_for_inference
 from ssd_lightning.cli.preflight import user_errors_as_messages
 from ssd_lightning.cli.report import report
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.export import INPUT_NAME, export_onnx, export_torchscript, read_metadata
-from ssd_lightning.training.checkpointing import SAFETENSORS_SUFFIX, save_safetensors
 
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "safetensors": SAFETENSORS_SUFFIX}
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from torchvision.io import write_jpeg
 
-from ssd_lightning.cli.build import build_trainer
-from ssd_lightning.cli.eval import load_for_inference
+from ssd_lightning.cli.build import build_trainer, load_for_inference
 from ssd_lightning.cli.preflight import ConfigurationError, check_accelerator, user_errors_as_messages
 from ssd_lightning.cli.report import report
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
@@ -91,6 +91,9 @@ def training_test_split(module: SSDLitModule, transform: DetectionTransform) -> 
         raise ConfigurationError(
             "the checkpoint does not record its training data: pass input=<image or folder>"
         )
+    # Checkpoints written before an option went away (dataset.predict_root) still name it: it reads nothing.
+    known = inspect.signature(DetectionDataModule).parameters
+    arguments = {key: value for key, value in arguments.items() if key in known}
     try:
         return DetectionDataModule(**arguments).build_dataset("test", transform=transform)
     except (DatasetError, FileNotFoundError) as error:

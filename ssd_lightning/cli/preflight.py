@@ -26,7 +26,6 @@ T = TypeVar("T")
 log = logging.getLogger("ssd_lightning")
 
 GPU_ACCELERATORS = ("gpu", "cuda")
-WANDB_LOCAL_MODES = ("offline", "disabled", "dryrun")
 
 
 class ConfigurationError(ValueError):
@@ -89,6 +88,17 @@ def check_values(cfg: DictConfig, command: str) -> None:
             wrong.append(f"{key}={value} is not {kind}: e.g. {example}")
     if wrong:
         raise ConfigurationError("\n".join(wrong))
+
+
+def check_plugin_backbone(model_cfg: DictConfig) -> None:
+    """A backbone of the user's own (`model.net.backbone`) brings its own weights: ours cannot go into it."""
+    if model_cfg.net.get("backbone") and model_cfg.get("backbone_weights"):
+        raise ConfigurationError(
+            f"model.net.backbone ({model_cfg.net.backbone.get('_target_')}) replaces arch "
+            f"{model_cfg.net.arch}, so model.backbone_weights={model_cfg.backbone_weights} has nowhere to "
+            "go: set model.backbone_weights=null and load your backbone's weights in its constructor (set "
+            "model.pixel_mean and model.pixel_std if they are not the ImageNet mean and std)"
+        )
 
 
 def check_monitor(cfg: DictConfig, logged: Sequence[str]) -> None:
@@ -175,31 +185,6 @@ def check_accelerator(trainer_cfg: DictConfig | Mapping[str, Any]) -> None:
         raise ConfigurationError(
             f"trainer.devices={devices} but this machine has {available} CUDA GPU(s); "
             f"use trainer.devices={available} (or trainer.devices=-1 for all of them)"
-        )
-
-
-def _wants_wandb_online(entry: Mapping[str, Any]) -> bool:
-    if not str(entry.get("_target_", "")).endswith("WandbLogger") or entry.get("offline"):
-        return False
-    mode = entry.get("mode") or os.environ.get("WANDB_MODE", "online")
-    return str(mode).lower() not in WANDB_LOCAL_MODES
-
-
-def wandb_has_credentials() -> bool:
-    """Whether W&B finds an API key (environment, settings or netrc) without prompting or going online."""
-    import wandb
-
-    return bool(wandb.login(prompt=False, verify=False))
-
-
-def check_wandb_login(logger_cfg: DictConfig | Mapping[str, Any] | None) -> None:
-    """`logger=wandb` online on a machine where W&B has no API key (it would prompt or fail mid-setup)."""
-    entries = [entry for entry in (logger_cfg or {}).values() if isinstance(entry, Mapping)]
-    if any(_wants_wandb_online(entry) for entry in entries) and not wandb_has_credentials():
-        raise ConfigurationError(
-            "logger=wandb but W&B has no API key on this machine. Run `wandb login` once (or set "
-            "WANDB_API_KEY), or log without an account: WANDB_MODE=offline python train.py logger=wandb, "
-            "then upload later with `wandb sync <run folder>/wandb/offline-run-*`."
         )
 
 

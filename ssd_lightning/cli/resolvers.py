@@ -28,15 +28,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import ListConfig, OmegaConf
 
-from ssd_lightning.sweeps import resources
-from ssd_lightning.sweeps.job import sweep_group
-from ssd_lightning.training import launch
-from ssd_lightning.training.checkpointing import resolve_checkpoint, run_folder_of
-from ssd_lightning.training.weights import (
+from ssd_lightning.models.initial_weights import (
     DEFAULT_NORMALIZATION,
     initial_normalization,
     mobilenet_reduced_tail,
 )
+from ssd_lightning.sweeps import resources
+from ssd_lightning.sweeps.job import sweep_group
+from ssd_lightning.training import launch
+from ssd_lightning.training.checkpointing import resolve_checkpoint, run_folder_of
 
 TIME_FORMAT = "%Y-%m-%d_%H-%M-%S"
 _claimed: dict[str, str] = {}  # parent folder -> the folder this process took there

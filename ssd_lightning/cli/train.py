@@ -14,11 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
+from ssd_lightning.checkpoint_files import load_checkpoint
 from ssd_lightning.cli.build import (
     ProcessLayout,
     build_module,
     build_trainer,
-    finish_wandb,
     instantiate_callbacks,
     instantiate_datamodule,
     instantiate_loggers,
@@ -30,33 +30,16 @@ from ssd_lightning.cli.preflight import (
     SweepError,
     check_accelerator,
     check_monitor,
+    check_plugin_backbone,
     check_resume_compatible,
-    check_wandb_login,
     in_multirun,
     user_errors_as_messages,
 )
-from ssd_lightning.cli.report import format_results, quiet_other_ranks, report, write_json
+from ssd_lightning.cli.report import quiet_other_ranks, report, write_json
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.data.batch_plan import BatchPlan
-from ssd_lightning.sweeps.job import swept_values
-from ssd_lightning.sweeps.pruning import trial_pruning
-from ssd_lightning.training import launch
-from ssd_lightning.training.callbacks import LastCheckpoint, TestDetectionsPicture
-from ssd_lightning.training.checkpointing import (
-    CHECKPOINT_FOLDER,
-    LAST_CHECKPOINT,
-    load_checkpoint,
-    requeued_checkpoint,
-    resolve_checkpoint,
-    wandb_run_id,
-)
-from ssd_lightning.training.ema import EMAWeights
-from ssd_lightning.training.interruption import RunInterrupted, StopOnSignal
-from ssd_lightning.training.module import BEST_PREFIX, SSDLitModule, validation_metric_names
-from ssd_lightning.training.nonfinite import NonFiniteGuard
-from ssd_lightning.training.scaling import STEP_KEYS, describe_scaling, scale_schedule, wants_sync_batchnorm
-from ssd_lightning.training.watchdog import StallWatchdog
-from ssd_lightning.training.weights import (
+from ssd_lightning.models.architectures import get_architecture
+from ssd_lightning.models.initial_weights import (
     check_normalization,
     describe_initialisation,
     initial_normalization,
@@ -64,11 +47,26 @@ from ssd_lightning.training.weights import (
     load_detector_weights,
     snapshot,
 )
+from ssd_lightning.sweeps.job import swept_values
+from ssd_lightning.sweeps.pruning import trial_pruning
+from ssd_lightning.training import launch
+from ssd_lightning.training.callbacks import LastCheckpoint, TestDetectionsPicture
+from ssd_lightning.training.checkpointing import (
+    CHECKPOINT_FOLDER,
+    LAST_CHECKPOINT,
+    requeued_checkpoint,
+    resolve_checkpoint,
+)
+from ssd_lightning.training.ema import EMAWeights
+from ssd_lightning.training.interruption import RunInterrupted, StopOnSignal
+from ssd_lightning.training.module import BEST_PREFIX, SSDLitModule, validation_metric_names
+from ssd_lightning.training.scaling import STEP_KEYS, describe_scaling, scale_schedule, wants_sync_batchnorm
+from ssd_lightning.training.wandb_logging import check_wandb_login, finish, run_id
+from ssd_lightning.training.watchdog import StallWatchdog
 
 log = logging.getLogger("ssd_lightning")
 
 METRICS_FILE = "metrics.json"
-PRETRAINED_ARCHS = ("vgg16", "mobilenet_v3_large", "resnet50")
 
 
 def runs_folder(cfg: DictConfig) -> Path:
@@ -84,11 +82,13 @@ def initialise_weights(cfg: DictConfig, module: SSDLitModule) -> None:
     weights, backbone_weights = model.get("weights"), model.get("backbone_weights")
     source = weights or backbone_weights
     if not source:
-        if arch in PRETRAINED_ARCHS:
+        start = None if model.net.get("backbone") else get_architecture(arch).imagenet
+        if start is not None:
             log.warning(
                 "Training %s SSD from scratch (model.backbone_weights=null); the published recipes start "
-                "from ImageNet weights: model.backbone_weights=IMAGENET1K_V1 (ResNet-50: IMAGENET1K_V2)",
+                "from ImageNet weights: model.backbone_weights=%s",
                 arch,
+                start.default_weights,
             )
         log.info("Initial weights: all random (no pretrained weights)")
         return
@@ -236,6 +236,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
     check_accelerator(cfg.trainer)
+    check_plugin_backbone(cfg.model)
     check_wandb_login(cfg.get("logger"))
     ckpt_path = _checkpoint_to_resume(cfg, output_dir)
     trust = bool(cfg.get("trust_checkpoint", False))
@@ -259,12 +260,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = build_module(cfg, datamodule, plan.global_batch)
     module.track_best_validation = not same_images or bool(cfg.get("select_on_test"))
     decide_sync_batchnorm(cfg, module, plan, layout)
-    run_id = None
+    wandb_run = None
     checkpoint = None
     if ckpt_path is not None:
         checkpoint = load_checkpoint(ckpt_path, "ckpt_path", trust)
-        run_id = wandb_run_id(checkpoint)
-    loggers = instantiate_loggers(cfg.get("logger"), wandb_run_id=run_id)
+        wandb_run = run_id(checkpoint)
+    loggers = instantiate_loggers(cfg.get("logger"), wandb_run_id=wandb_run)
     interrupted: RunInterrupted | None = None
     owns_folder = False
     try:
@@ -274,13 +275,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it may not show
             callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
         check_every = int(cfg.trainer.get("log_every_n_steps", 50))
-        callbacks.append(
-            NonFiniteGuard(
-                cfg.trainer.get("on_nonfinite", "stop"),
-                int(cfg.trainer.get("nonfinite_skip_limit", 10)),
-                check_every_n_steps=check_every,
-            )
-        )
         last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
         last_path = Path(last.dirpath if last else output_dir / CHECKPOINT_FOLDER) / LAST_CHECKPOINT
         callbacks.append(
@@ -337,7 +331,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             raise pruning.pruned()
         # Per-class tables need the evaluation in this process (not the case with ddp_spawn).
         if module.last_evaluation is not None:
-            report(format_results(module.last_evaluation, "Last validation:"))
+            report(module.last_evaluation.format("Last validation:"))
 
         if cfg.get("test") and not trainer.interrupted:
             module.last_evaluation = None
@@ -353,7 +347,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     source = "final weights"
                 if any(isinstance(c, EMAWeights) for c in trainer.callbacks):
                     source += ", EMA weights"
-                report(format_results(module.last_evaluation, f"Test ({source}):"))
+                report(module.last_evaluation.format(f"Test ({source}):"))
         metrics["step"] = trainer.global_step
         write_json(output_dir / METRICS_FILE, metrics)
         for callback in trainer.callbacks:
@@ -369,7 +363,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         return metrics
     finally:
-        finish_wandb(loggers)
+        finish(loggers)
         # A requeued job comes back to this folder: it stays the job's.
         if owns_folder and not (interrupted is not None and interrupted.requeued):
             launch.release(output_dir)

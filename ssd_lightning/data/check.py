@@ -1,9 +1,8 @@
 """Report every problem of a dataset at once, without training: :func:`check_datamodule`.
 
-The command (``ssd-check`` / ``python -m ssd_lightning.cli.check dataset=... dataset.root=...``, also
-``python -m ssd_lightning.data.check``) is in :mod:`ssd_lightning.cli.check`. Every split is parsed, every
-box validated, every image header read and every image fully decoded; each problem is printed on its own
-line naming its file.
+The command (``ssd-check`` / ``python -m ssd_lightning.cli.check dataset=... dataset.root=...``) is in
+:mod:`ssd_lightning.cli.check`. Every split is parsed, every box validated, every image header read and every
+image fully decoded; each problem is printed on its own line naming its file.
 """
 
 from __future__ import annotations
@@ -58,9 +57,7 @@ def check_datamodule(
     seen: dict[str, str] = {}
     errors = warnings = 0
     for split in SPLITS:
-        source = repr(
-            datamodule.coco_splits[split] if datamodule.format == "coco" else datamodule.image_sets[split]
-        )
+        source = repr(datamodule.source.reads(split))
         if source in seen:
             print(f"{split}: same data as {seen[source]}", file=out)
             continue
@@ -87,9 +84,3 @@ def check_datamodule(
             status = f"{split_errors} error(s), {len(problems) - split_errors} warning(s)"
             print(f"{split} ({dataset.name}): {status}; usable: {_summary(dataset)}", file=out)
     return errors, warnings
-
-
-if __name__ == "__main__":  # the command lives with the other entry points (it composes conf/)
-    from ssd_lightning.cli.check import run
-
-    run()

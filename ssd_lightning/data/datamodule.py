@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import random
 import zlib
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,22 +18,12 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from .base import DatasetError, DetectionDataset, ImageFolderDataset, Problem, Target
-from .batch_plan import BatchPlan, plan_batch
-from .coco import COCODetection, check_coco_root, coco_annotation_file, read_coco_json, resolve_coco_classes
-from .shapes import SHAPE_CLASSES, OnlineShapesDataset, default_shapes_root, ensure_shapes_dataset
-from .transforms import DetectionTransform, build_eval_transform, build_train_transform
-from .voc import VOC_CLASSES, VOCDetection, check_voc_root, read_class_file, voc_folder
+from ssd_lightning.plugins import build_plugin, is_spec
 
-FORMATS = ("shapes", "voc", "coco")
-SPLITS = ("train", "val", "test")
-_VOC_DEFAULT_SETS = {
-    "train": [(2007, "trainval"), (2012, "trainval")],
-    "val": [(2007, "test")],
-    "test": [(2007, "test")],
-}
-_SHAPES_SETS = {split: [("shapes", split)] for split in SPLITS}
-_COCO_DEFAULT_SPLITS = {"train": "train2017", "val": "val2017", "test": None}  # test: the val split
+from .base import Target
+from .batch_plan import BatchPlan, plan_batch
+from .sources import SOURCES, SPLITS, DataSource
+from .transforms import DetectionTransform, build_eval_transform, build_train_transform
 
 
 def collate_detection(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[torch.Tensor, list[Target]]:
@@ -92,13 +82,17 @@ def held_out(name: str, fraction: float) -> bool:
     return zlib.crc32(name.encode()) < fraction * 2**32
 
 
-def _pairs(sets: Sequence[Sequence[Any]] | None, option: str) -> list[tuple[Any, str]] | None:
-    if sets is None:
-        return None
-    pairs = [tuple(entry) for entry in sets]
-    if not pairs or any(len(pair) != 2 for pair in pairs):
-        raise ValueError(f"dataset.{option} must be a list of [year, image_set] pairs, got {sets!r}")
-    return [(year, str(image_set)) for year, image_set in pairs]
+def make_source(format: str, **options: Any) -> DataSource:
+    """The source of a built-in `format` (`SOURCES`) with the options that format takes; an option given
+    (not None) that it does not take is an error naming it."""
+    if format not in SOURCES:
+        raise ValueError(f"dataset.format must be one of {', '.join(SOURCES)}, got {format!r}")
+    kind = SOURCES[format]
+    takes = inspect.signature(kind).parameters
+    misplaced = [key for key, value in options.items() if value is not None and key not in takes]
+    if misplaced:
+        raise ValueError(f"dataset.{', dataset.'.join(misplaced)} do not apply to format {format!r}")
+    return kind(**{key: value for key, value in options.items() if value is not None or key == "root"})
 
 
 class DetectionDataModule(pl.LightningDataModule):
@@ -112,13 +106,13 @@ class DetectionDataModule(pl.LightningDataModule):
     :func:`~ssd_lightning.data.transforms.normalize_images` (``SSDLitModule`` does it itself).
 
     Args:
-        format: ``shapes`` (built-in, generated on first use), ``voc`` or ``coco``.
+        format: a built-in data format (``shapes``, generated on first use; ``voc``; ``coco``), read by
+            its :class:`~ssd_lightning.data.sources.DataSource`; ignored when ``source`` is given.
         root: dataset folder: a VOCdevkit (voc), the folder holding ``annotations/`` (coco), the
             cache folder (shapes; None means :func:`~ssd_lightning.data.shapes.default_shapes_root`).
-        classes: class names without background. None: VOC's 20 (voc), the categories of the
-            annotation file (coco), the shape classes (shapes); for voc, None with a ``classes.txt``
-            in the first train year folder reads it.
-        name: display name for logs; defaults to ``format``.
+        classes: class names without background. None: the data's own (VOC: ``classes.txt`` of the first
+            train year, else VOC's 20; COCO: every category of the annotation file; shapes: its five).
+        name: display name for logs; defaults to the format's.
         image_size: square input side of the model.
         mean, std: per-channel RGB normalisation on the 0-255 scale.
         global_batch_size: images per optimiser step over all devices, nodes and accumulated batches; each
@@ -129,17 +123,22 @@ class DetectionDataModule(pl.LightningDataModule):
             process may use; ``auto`` follows the machine, see :func:`usable_workers`).
         train_sets, val_sets, test_sets: voc only, lists of ``[year, image_set]``.
         train_split, val_split, test_split: coco only (test defaults to the val split).
-        predict_root: folder of images for ``predict``; None predicts on the test split.
         val_holdout: fraction of the training images (chosen by a hash of their names, so the same on every
             run and machine) to validate on instead of the val split; they are left out of training.
         keep_difficult_in_train: train on VOC-difficult / COCO-crowd boxes too (evaluation keeps them
             flagged either way).
         skip_bad_samples: skip images with problems (counted in a warning) instead of failing.
         verify_images: read every image header in ``setup`` (existence is always checked).
-        augmentation: keyword arguments of :func:`~ssd_lightning.data.transforms.build_train_transform`.
+        augmentation: keyword arguments of :func:`~ssd_lightning.data.transforms.build_train_transform`, or
+            a transform of your own: ``{"_target_": "my_package.MyTransform", ...}``, a
+            :class:`~ssd_lightning.data.transforms.DetectionTransform` subclass built with ``image_size``,
+            ``mean``, ``std`` and the other keys.
         shapes: keyword arguments of :func:`~ssd_lightning.data.shapes.ensure_shapes_dataset` (counts, seed);
             ``online: true`` trains on ``num_train`` fresh scenes per epoch rendered in the loader workers
             (:class:`~ssd_lightning.data.shapes.OnlineShapesDataset`) instead of the cached train split.
+        source: a data source of your own instead of ``format``: ``{"_target_": "my_package.MySource",
+            ...}``, a :class:`~ssd_lightning.data.sources.DataSource` subclass built with ``root``, ``name``
+            and the other keys (or a DataSource object).
     """
 
     def __init__(
@@ -162,36 +161,46 @@ class DetectionDataModule(pl.LightningDataModule):
         train_split: str | None = None,
         val_split: str | None = None,
         test_split: str | None = None,
-        predict_root: str | None = None,
         val_holdout: float = 0.0,
         keep_difficult_in_train: bool = False,
         skip_bad_samples: bool = False,
         verify_images: bool = True,
         augmentation: Mapping[str, Any] | None = None,
         shapes: Mapping[str, Any] | None = None,
+        source: Mapping[str, Any] | DataSource | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
-        if format not in FORMATS:
-            raise ValueError(f"dataset.format must be one of {', '.join(FORMATS)}, got {format!r}")
-        self.format = format
-        self.name = name or format
-        given_sets = {"train": train_sets, "val": val_sets, "test": test_sets}
-        given_splits = {"train": train_split, "val": val_split, "test": test_split}
-        misplaced = [f"{s}_sets" for s, v in given_sets.items() if v is not None and format != "voc"]
-        misplaced += [f"{s}_split" for s, v in given_splits.items() if v is not None and format != "coco"]
-        if misplaced:
-            raise ValueError(f"dataset.{', dataset.'.join(misplaced)} do not apply to format {format!r}")
-        if format == "shapes" and root is None:
-            root = str(default_shapes_root())
-        if root is None:
-            raise ValueError(f"dataset.root is required for format {format!r} (the folder holding the data)")
-        self.root = Path(root)
+        self.save_hyperparameters(ignore=[] if source is None or is_spec(source) else ["source"])
+        if isinstance(source, DataSource):
+            self.source = source
+        elif is_spec(source):
+            self.source = build_plugin(
+                source, DataSource, "dataset.source", **({"root": root} if root else {})
+            )
+        else:
+            self.source = make_source(
+                format,
+                root=root,
+                name=name,
+                train_sets=train_sets,
+                val_sets=val_sets,
+                test_sets=test_sets,
+                train_split=train_split,
+                val_split=val_split,
+                test_split=test_split,
+                shapes=shapes,
+            )
+        self.format = format if source is None else self.source.name
+        self.name = name or self.source.name
+        self.root = self.source.root
         self.image_size = int(image_size)
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"dataset.mean/std need 3 values (std > 0), got {self.mean} / {self.std}")
+            raise ValueError(
+                "mean/std (model.pixel_mean/pixel_std in a config) need 3 values (std > 0), got "
+                f"{self.mean} / {self.std}"
+            )
         if batch_size is None and global_batch_size is None:
             raise ValueError("set dataset.global_batch_size (all devices) or dataset.batch_size (per device)")
         for option, value in (("global_batch_size", global_batch_size), ("batch_size", batch_size)):
@@ -211,73 +220,36 @@ class DetectionDataModule(pl.LightningDataModule):
         self.num_workers = num_workers if num_workers == "auto" else int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
-        self.predict_root = predict_root
         self.keep_difficult_in_train = keep_difficult_in_train
         self.skip_bad_samples = skip_bad_samples
         self.verify_images = verify_images
         self.augmentation = dict(augmentation or {})
-        self.shapes_options = dict(shapes or {})
-        self.shapes_online = bool(self.shapes_options.pop("online", False))
-        self.image_sets = {
-            split: (_pairs(given_sets[split], f"{split}_sets") or _VOC_DEFAULT_SETS[split])
-            if format == "voc"
-            else _SHAPES_SETS[split]
-            for split in SPLITS
-        }
-        self.coco_splits = {split: given_splits[split] or _COCO_DEFAULT_SPLITS[split] for split in SPLITS}
-        self.coco_splits["test"] = self.coco_splits["test"] or self.coco_splits["val"]
-        if format == "voc":
-            years = [year for sets in self.image_sets.values() for year, _ in sets]
-            check_voc_root(self.root, years, self.name)
-        elif format == "coco":
-            check_coco_root(self.root, list(self.coco_splits.values()), self.name)
-        self.label_to_category_id: dict[int, int] | None = None
-        self.classes = self._resolve_classes(classes)
-        # built once here only to fail early on a misspelt augmentation key
-        build_train_transform(self.image_size, self.mean, self.std, **self.augmentation)
-        self.datasets: dict[str, DetectionDataset] = {}
+        self.classes = self.source.class_names(classes)
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"dataset.classes must be distinct names, got {self.classes}")
+        self.label_to_category_id = self.source.label_to_category_id
+        self.train_transform(normalize=False)  # built once here only to fail early on a misspelt key
+        self.datasets: dict[str, Any] = {}
 
     @property
     def num_classes(self) -> int:
         """Number of classes including background (label 0)."""
         return len(self.classes) + 1
 
-    def _resolve_classes(self, classes: Sequence[str] | None) -> list[str]:
-        if self.format == "coco":
-            source = coco_annotation_file(self.root, self.coco_splits["val"])
-            if not source.is_file():
-                source = coco_annotation_file(self.root, self.coco_splits["train"])
-            categories = read_coco_json(source)["categories"]
-            names, self.label_to_category_id = resolve_coco_classes(categories, classes, source)
-            return names
-        if classes is not None:
-            names = [str(c) for c in classes]
-        elif self.format == "shapes":
-            names = list(SHAPE_CLASSES)
-        else:
-            class_files = [
-                voc_folder(self.root, year) / "classes.txt" for year, _ in self.image_sets["train"]
-            ]
-            found = [f for f in class_files if f.is_file()]
-            names = read_class_file(found[0]) if found else list(VOC_CLASSES)
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"dataset.classes must be distinct names, got {names}")
-        return names
-
-    def _shapes_cache_options(self) -> dict[str, Any]:
-        # online training renders its own scenes: the cache then needs the val/test splits only
-        return {**self.shapes_options, "num_train": 0} if self.shapes_online else dict(self.shapes_options)
-
-    def _online_shapes(self, transform: DetectionTransform | None) -> OnlineShapesDataset:
-        options = self.shapes_options
-        generation = {k: options[k] for k in ("seed", "min_side", "max_side", "max_objects") if k in options}
-        length = int(options.get("num_train", 600))
-        return OnlineShapesDataset(length, self.classes, transform=transform, **generation)
+    def train_transform(self, normalize: bool = True) -> DetectionTransform:
+        """The training augmentation: build_train_transform with `augmentation`, or the class it names."""
+        if is_spec(self.augmentation):
+            return build_plugin(
+                self.augmentation, DetectionTransform, "dataset.augmentation",
+                image_size=self.image_size, mean=self.mean, std=self.std,
+            )  # fmt: skip
+        return build_train_transform(
+            self.image_size, self.mean, self.std, **self.augmentation, normalize=normalize
+        )
 
     def prepare_data(self) -> None:
-        """Generate the built-in dataset (once per node; the other processes wait on its file lock)."""
-        if self.format == "shapes":
-            ensure_shapes_dataset(self.root, **self._shapes_cache_options())
+        """Make the data exist (the built-in data is generated; once per node, the other processes wait)."""
+        self.source.prepare()
 
     def build_dataset(
         self,
@@ -287,76 +259,48 @@ class DetectionDataModule(pl.LightningDataModule):
         skip_bad_samples: bool | None = None,
         verify_images: bool | None = None,
         keep_difficult: bool | None = None,
-    ) -> DetectionDataset:
-        """The validated dataset of ``split`` (train, val, test or predict).
+    ) -> Any:
+        """The validated dataset of ``split`` (train, val or test).
 
         ``transform="default"`` gives the training augmentation for train and resize-only otherwise (uint8);
         ``skip_bad_samples``, ``verify_images`` and ``keep_difficult`` None take the configured values
         (difficult/crowd objects are kept everywhere but in train, unless ``keep_difficult_in_train``).
         """
-        if split not in (*SPLITS, "predict"):
+        if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}")
         if transform == "default":
             transform = (
-                build_train_transform(
-                    self.image_size, self.mean, self.std, **self.augmentation, normalize=False
-                )
+                self.train_transform(normalize=False)
                 if split == "train"
                 else build_eval_transform(self.image_size, self.mean, self.std, normalize=False)
             )
+        if (
+            split == "train"
+            and (generated := self.source.training_images(self.classes, transform)) is not None
+        ):
+            return generated
         options = {
             "transform": transform,
             "skip_bad_samples": self.skip_bad_samples if skip_bad_samples is None else skip_bad_samples,
             "verify_images": self.verify_images if verify_images is None else verify_images,
+            "keep_difficult": (self.keep_difficult_in_train or split != "train")
+            if keep_difficult is None
+            else keep_difficult,
         }
-        if split == "predict":
-            if self.predict_root is None:
-                return self.build_dataset("test", keep_difficult=keep_difficult, **options)
-            return ImageFolderDataset(self.predict_root, self.classes, **options)
-        if self.format == "shapes" and self.shapes_online and split == "train":
-            return self._online_shapes(options["transform"])
-        if keep_difficult is None:
-            keep_difficult = self.keep_difficult_in_train or split != "train"
         if self.val_holdout and split in ("train", "val"):
-            source = self._load("train", keep_difficult, options)
+            source = self.source.load("train", self.classes, **options)
             validation = split == "val"
             return source.subset(
                 lambda record: held_out(record.name, self.val_holdout) == validation,
                 f"{source.name} ({'held-out' if validation else 'without the held-out'} "
                 f"{self.val_holdout:.0%} for validation)",
             )
-        return self._load(split, keep_difficult, options)
-
-    def _load(self, split: str, keep_difficult: bool, options: Mapping[str, Any]) -> DetectionDataset:
-        if self.format == "coco":
-            dataset = COCODetection(
-                self.root, self.coco_splits[split], self.classes, keep_difficult=keep_difficult, **options
-            )
-            if dataset.label_to_category_id != self.label_to_category_id:
-                source = str(coco_annotation_file(self.root, self.coco_splits[split]))
-                raise DatasetError(
-                    dataset.name, [Problem(source, "categories differ from the other splits'")]
-                )
-            return dataset
-        if self.format == "shapes":
-            ensure_shapes_dataset(self.root, **self._shapes_cache_options())
-        return VOCDetection(
-            self.root,
-            self.image_sets[split],
-            self.classes,
-            keep_difficult=keep_difficult,
-            check_classes=split == "train",
-            **options,
-        )
+        return self.source.load(split, self.classes, **options)
 
     def validation_is_test(self) -> bool:
         """Whether the val and test splits are the same images (VOC2007 test, COCO val2017 by default):
         then nothing may be selected on validation results without selecting on the test split."""
-        if self.val_holdout:
-            return False
-        if self.format == "coco":
-            return self.coco_splits["val"] == self.coco_splits["test"]
-        return self.image_sets["val"] == self.image_sets["test"]
+        return not self.val_holdout and self.source.reads("val") == self.source.reads("test")
 
     def resolve_batch_size(
         self, num_devices: int = 1, num_nodes: int = 1, accumulate: int = 1, training: bool = True
@@ -388,15 +332,13 @@ class DetectionDataModule(pl.LightningDataModule):
                 trainer.accumulate_grad_batches,
                 training=trainer.state.fn == "fit",
             )
-        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
         for split in needed.get(stage or "", SPLITS):
             if split not in self.datasets:
                 self.datasets[split] = self.build_dataset(split)
                 transform = self.datasets[split].transform
                 if isinstance(transform, DetectionTransform):  # reproducible under seed_everything
-                    transform.reseed(
-                        _derive_seed(torch.initial_seed(), self._rank(), (*SPLITS, "predict").index(split))
-                    )
+                    transform.reseed(_derive_seed(torch.initial_seed(), self._rank(), SPLITS.index(split)))
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in checkpoints: where the training augmentation's random stream stands in this process (what
@@ -450,6 +392,3 @@ class DetectionDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)

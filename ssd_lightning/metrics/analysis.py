@@ -214,7 +214,7 @@ def analyze_errors(
 
     Args:
         detections, ground_truth, image_counts: :meth:`VOCMeanAveragePrecision.accumulated`'s rows: boxes in
-            original image pixels (what :class:`~ssd_lightning.training.evaluation.DetectionEvaluator` feeds
+            original image pixels (what :class:`~ssd_lightning.metrics.evaluation.DetectionEvaluator` feeds
             it) for the object sizes to be COCO's.
         class_names: label ``l`` is ``class_names[l - 1]``.
         score_threshold: the second count keeps the detections scoring at least this.

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ssd_lightning.models.architecture import Architecture, NetworkOptions, NetworkParts
+from ssd_lightning.models.heads import SSDHead
+from ssd_lightning.models.neck import SSDNeck
+
 
 def _conv_bn(in_channels: int, out_channels: int, stride: int) -> list[nn.Module]:
     return [
@@ -46,3 +50,18 @@ class CompactBackbone(nn.Module):
 def compact_extras(width: int = 32, count: int = 4) -> tuple[tuple[int, int, int, int, int], ...]:
     """Stride-2 extra layers, each halving the map (rounding up) down to 1x1."""
     return tuple((4 * width, 8 * width, 3, 2, 1) for _ in range(count))
+
+
+def _parts(options: NetworkOptions) -> NetworkParts:
+    backbone = CompactBackbone(options.width)
+    neck = SSDNeck(backbone.out_channels, compact_extras(options.width), l2norm_first=False)
+    return NetworkParts(backbone, neck, SSDHead)
+
+
+ARCHITECTURE = Architecture(
+    name="compact",
+    parts=_parts,
+    priors="scales",
+    named_priors="ignored",  # the dataset's preset name (model.net.prior_preset_name) is for SSD300/512
+    description="a small BatchNorm network for CPU training at any size (width: first-layer channels)",
+)

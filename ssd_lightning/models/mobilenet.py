@@ -18,8 +18,16 @@ from pathlib import Path
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v3_large
 
+from ssd_lightning.models.architecture import (
+    Architecture,
+    NetworkOptions,
+    NetworkParts,
+    PublishedDetector,
+    torchvision_start,
+)
 from ssd_lightning.models.pretrained import read_state_dict
-from ssd_lightning.models.ssdlite import normal_init, ssdlite_batch_norm
+from ssd_lightning.models.renaming import names_by_pattern, rename
+from ssd_lightning.models.ssdlite import SSDLiteHead, SSDLiteNeck, normal_init, ssdlite_batch_norm
 
 
 def _is_strided(block: nn.Module) -> bool:
@@ -104,3 +112,42 @@ def load_mobilenet_v3_backbone(
         )
     backbone.load_state_dict({k: v for k, v in mapped.items() if k in own})
     return sorted(blocks, key=lambda name: int(name.split(".")[1]))
+
+
+# torchvision's SSDLite: its backbone's two stages are ours in the same order (torchvision's `features.0`
+# ends with C4's expansion conv, as our `to_stride16` does); extras and heads keep their inner layout.
+_TORCHVISION_NAMES = (
+    (r"backbone\.features\.0\.(.+)", r"backbone.to_stride16.\1"),
+    (r"backbone\.features\.1\.(.+)", r"backbone.to_stride32.\1"),
+    (r"backbone\.extra\.(.+)", r"neck.extras.\1"),
+    (r"head\.regression_head\.module_list\.(\d+)\.(.+)", r"heads.\1.loc.\2"),
+    (r"head\.classification_head\.module_list\.(\d+)\.(.+)", r"heads.\1.conf.\2"),
+)
+
+
+def _from_torchvision(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """torchvision's `ssdlite320_mobilenet_v3_large` in our names."""
+    return rename(state, names_by_pattern(state, _TORCHVISION_NAMES), "torchvision SSDLite")
+
+
+def _is_ssdlite(state: Mapping[str, Tensor]) -> bool:
+    return "head.regression_head.module_list.0.1.weight" in state  # the separable head
+
+
+def _parts(options: NetworkOptions) -> NetworkParts:
+    backbone = MobileNetV3Backbone(reduced_tail=options.reduced_tail)
+    return NetworkParts(backbone, SSDLiteNeck(backbone.out_channels), SSDLiteHead)
+
+
+ARCHITECTURE = Architecture(
+    name="mobilenet_v3_large",
+    parts=_parts,
+    default_size=320,
+    heads=("ssdlite",),
+    priors="ssdlite",  # torchvision's SSDLite boxes: 3,234 at 320 px
+    imagenet=torchvision_start("mobilenet_v3_large", load_mobilenet_v3_backbone, "IMAGENET1K_V1"),
+    detectors={
+        "torchvision": PublishedDetector("ssdlite320_mobilenet_v3_large_coco", _from_torchvision, _is_ssdlite)
+    },
+    description="torchvision's SSDLite320: MobileNetV3-Large, separable extras and heads",
+)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torchvision.models import WeightsEnum, get_model_weights
 
 _IMAGENET_MEAN = (123.675, 116.28, 103.53)  # torchvision's (0.485, 0.456, 0.406) * 255
 _IMAGENET_STD = (58.395, 57.12, 57.375)  # (0.229, 0.224, 0.225) * 255
@@ -71,3 +72,48 @@ def read_state_dict(weights: Mapping[str, Tensor] | str | Path) -> Mapping[str, 
     if not isinstance(weights, Mapping):
         raise ValueError(f"backbone weights must be a state dict, got {type(weights).__name__}")
     return weights
+
+
+# What a network trained from scratch (or with weights of unknown convention) gets by default.
+DEFAULT_NORMALIZATION = PixelNormalization(
+    (123.675, 116.28, 103.53), (58.395, 57.12, 57.375), "ImageNet mean/std (no pretrained weights)"
+)
+
+
+def torchvision_weights(model: str, name: str) -> WeightsEnum:
+    """torchvision's ImageNet weight set `name` of `model` (e.g. vgg16 IMAGENET1K_FEATURES)."""
+    enum = get_model_weights(model)
+    member = name.split(".")[-1]  # also accept "VGG16_Weights.IMAGENET1K_V1"
+    try:
+        return enum[member]
+    except KeyError:
+        raise ValueError(
+            f"model.backbone_weights={name!r} is neither an existing file nor a weight name of torchvision's "
+            f"{enum.__name__} (one of {[w.name for w in enum]})"
+        ) from None
+
+
+def download_torchvision_weights(weights: WeightsEnum) -> dict[str, Tensor]:
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as error:  # URLError, socket errors, hash mismatch...
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise RuntimeError(
+            f"could not download torchvision weights {type(weights).__name__}.{weights.name} from "
+            f"{weights.url} ({type(error).__name__}: {error}). Offline? Fetch that file on a connected "
+            f"machine and either put it at {cache} or pass "
+            f"model.backbone_weights=/path/to/{Path(weights.url).name}; "
+            "or train from scratch with model.backbone_weights=null"
+        ) from error
+
+
+def torchvision_normalization(weights: WeightsEnum) -> PixelNormalization:
+    """torchvision's classification weights use one of two conventions, told apart by their metadata:
+    VGG16 IMAGENET1K_FEATURES the Caffe one (mean subtraction, std 1/255 on the [0, 1] scale), all others
+    ImageNet mean/std."""
+    transform = weights.transforms()
+    name = f"torchvision {type(weights).__name__}.{weights.name}"
+    if max(transform.std) < 0.01:
+        caffe = pixel_normalization("vgg16_imagenet")
+        return PixelNormalization(caffe.pixel_mean, caffe.pixel_std, name)
+    return PixelNormalization(DEFAULT_NORMALIZATION.pixel_mean, DEFAULT_NORMALIZATION.pixel_std, name)

@@ -8,13 +8,24 @@ conv5_x and the classifier are dropped.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from torch import Tensor, nn
 from torchvision.models import resnet50
 
+from ssd_lightning.models.architecture import (
+    Architecture,
+    NetworkOptions,
+    NetworkParts,
+    PublishedDetector,
+    torchvision_start,
+)
+from ssd_lightning.models.heads import SSDHead
+from ssd_lightning.models.neck import EXTRAS_RESNET50, SSDNeck
 from ssd_lightning.models.pretrained import read_state_dict
+from ssd_lightning.models.renaming import names_by_pattern, rename
 
 # torchvision's module names, kept so that ImageNet weights load by name.
 RESNET50_LAYERS = ("conv1", "bn1", "layer1", "layer2", "layer3")
@@ -61,3 +72,56 @@ def load_resnet50_backbone(
         raise ValueError(f"not ResNet-50 weights: unknown keys or other shapes for {wrong[:6]}")
     backbone.load_state_dict(mapped)
     return list(RESNET50_LAYERS)
+
+
+# NVIDIA's SSD300: `feature_extractor.feature_extractor` is `nn.Sequential(*resnet50().children()[:7])`
+# (conv1, bn1, relu, maxpool, layer1..3); its extras have our BatchNorm block layout.
+_NVIDIA_NAMES = (
+    (r"feature_extractor\.feature_extractor\.0", "backbone.conv1"),
+    (r"feature_extractor\.feature_extractor\.1", "backbone.bn1"),
+    (r"feature_extractor\.feature_extractor\.4\.(.+)", r"backbone.layer1.\1"),
+    (r"feature_extractor\.feature_extractor\.5\.(.+)", r"backbone.layer2.\1"),
+    (r"feature_extractor\.feature_extractor\.6\.(.+)", r"backbone.layer3.\1"),
+    (r"additional_blocks\.(\d+)\.(\d+)", r"neck.extras.\1.\2"),
+    (r"loc\.(\d+)", r"heads.\1.loc"),
+    (r"conf\.(\d+)", r"heads.\1.conf"),
+)
+
+
+def _box_major_to_ours(tensor: Tensor, boxes: int) -> Tensor:
+    """Head weights/biases with output channels value * A + box (NVIDIA) -> box * V + value (ours)."""
+    values = tensor.shape[0] // boxes
+    return tensor.reshape(values, boxes, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
+
+
+def _from_nvidia(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """NVIDIA's SSD300 v1.1 in our names. Its heads are box-major (loc viewed as [B, 4, A*H*W]: channel =
+    value * A + box, priors box by box over each map), ours position-major (channel = box * 4 + value,
+    priors cell by cell, then box): head channels are permuted so that each prior gets the prediction
+    NVIDIA's model gives for the same default box."""
+    # NVIDIA's DDP + AMP checkpoints may nest the model as "module.1." (as its torch.hub loader expects).
+    state = {k.removeprefix("1."): v for k, v in state.items()}
+    converted = rename(state, names_by_pattern(state, _NVIDIA_NAMES), "nvidia")
+    for key, tensor in list(converted.items()):
+        match = re.fullmatch(r"heads\.(\d+)\.(loc|conf)\.(weight|bias)", key)
+        if match:
+            boxes = converted[f"heads.{match[1]}.loc.bias"].shape[0] // 4
+            converted[key] = _box_major_to_ours(tensor, boxes).contiguous()
+    return converted
+
+
+def _parts(options: NetworkOptions) -> NetworkParts:
+    backbone = ResNet50Backbone()
+    neck = SSDNeck(backbone.out_channels, EXTRAS_RESNET50, l2norm_first=False, batch_norm=True)
+    return NetworkParts(backbone, neck, SSDHead)
+
+
+ARCHITECTURE = Architecture(
+    name="resnet50",
+    parts=_parts,
+    sizes=(300,),
+    priors="coco",  # NVIDIA's default boxes (dboxes300_coco)
+    imagenet=torchvision_start("resnet50", load_resnet50_backbone, "IMAGENET1K_V2"),
+    detectors={"nvidia": PublishedDetector("nvidia_ssd300_resnet50", _from_nvidia)},
+    description="NVIDIA's SSD300 v1.1: ResNet-50 to conv4_x at stride 8, BatchNorm extras",
+)

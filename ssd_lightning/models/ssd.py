@@ -11,23 +11,21 @@ import torch
 from torch import Tensor, nn
 
 from ssd_lightning.boxes import DEFAULT_VARIANCES, Variances
-from ssd_lightning.models.compact import CompactBackbone, compact_extras
+from ssd_lightning.models.any_backbone import Backbone, plugin_parts
+from ssd_lightning.models.architecture import (
+    HEAD_PRIORS,
+    HEAD_STYLES,
+    HeadFactory,
+    NetworkOptions,
+    NetworkParts,
+)
+from ssd_lightning.models.architectures import ARCHITECTURES, get_architecture
 from ssd_lightning.models.heads import SSDHead
-from ssd_lightning.models.mobilenet import MobileNetV3Backbone
-from ssd_lightning.models.neck import EXTRAS_RESNET50, EXTRAS_SSD300, EXTRAS_SSD512, SSDNeck
-from ssd_lightning.models.resnet import ResNet50Backbone
-from ssd_lightning.models.ssdlite import SSDLiteHead, SSDLiteNeck
-from ssd_lightning.models.vgg import VGG16Backbone
 from ssd_lightning.postprocess import DetectionConfig, detect
 from ssd_lightning.priors import PriorSpec, generate_priors, prior_preset, ssdlite_prior_spec
 
-_COMPACT_RATIOS = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
-ARCHS = ("vgg16", "compact", "mobilenet_v3_large", "resnet50")
-# The prior sizes each arch's published model was trained with.
-_DEFAULT_PRIORS = {"vgg16": "voc", "resnet50": "coco", "mobilenet_v3_large": "ssdlite"}
-
-# (in_channels, boxes_per_location, num_classes) -> the head of one source.
-HeadFactory = Callable[[int, int, int], nn.Module]
+ARCHS = tuple(ARCHITECTURES)  # the built-in ones; any timm model too, as timm:<name>
+PLUGIN_ARCH = "custom"  # what a network built on a backbone of the user's own calls its arch
 
 
 class SSD(nn.Module):
@@ -128,6 +126,8 @@ def build_ssd(
     reduced_tail: bool = True,
     min_sizes: Sequence[float] | None = None,
     max_sizes: Sequence[float] | None = None,
+    head: str | None = None,
+    backbone: Backbone | None = None,
 ) -> SSD:
     """Build an SSD detector.
 
@@ -142,22 +142,39 @@ def build_ssd(
     `num_classes` counts the background (VOC: 21, COCO: 81; torchvision's COCO models: 91). A
     `prior_spec` overrides the priors of any arch; `min_sizes`/`max_sizes` (input pixels, one per feature
     map) replace only the box sizes of whichever priors the arch uses (what `ssd_lightning.coverage`
-    suggests for a dataset).
+    suggests for a dataset). Any timm model is an arch too: `arch="timm:resnet18"` (`head` "ssd" at 300/512
+    or "ssdlite" at 320, see `ssd_lightning.models.timm_backbone`). A `backbone` of your own (an `nn.Module`
+    whose forward returns its feature maps, with their channels as `out_channels`; or its spec,
+    `{"_target_": "package.module.Class", **arguments}`) takes the place of the arch's: the extras
+    (halving to 1x1) and heads of `head` follow, with priors from the feature maps.
+    Architectures are listed in `ssd_lightning.models.architectures.ARCHITECTURES`.
     """
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
     detection = DetectionConfig(score_threshold, nms_iou_threshold, top_k, pre_nms_top_k)
-    backbone, neck, head = _network_parts(arch, size, width, reduced_tail)
+    options = NetworkOptions(size, width, reduced_tail, head)
+    preset, exact_maps = _priors(arch, options, backbone, prior_preset_name)  # checks size and head first
+    parts = _network_parts(arch, options, backbone)
     spec = _prior_spec(
-        arch,
         size,
-        prior_preset_name,
+        preset,
         prior_spec,
         min_sizes,
         max_sizes,
-        lambda: _feature_map_sizes(backbone, neck, size),
+        lambda: _feature_map_sizes(parts.backbone, parts.neck, size),
+        exact_maps,
     )
-    return SSD(backbone, neck, spec, num_classes, detection, (float(variances[0]), float(variances[1])), head)
+    net = SSD(
+        parts.backbone,
+        parts.neck,
+        spec,
+        num_classes,
+        detection,
+        (float(variances[0]), float(variances[1])),
+        parts.head,
+    )
+    net.arch = PLUGIN_ARCH if backbone is not None else arch
+    return net
 
 
 def ssd_prior_spec(**build_ssd_arguments: Any) -> PriorSpec:
@@ -169,75 +186,74 @@ def ssd_prior_spec(**build_ssd_arguments: Any) -> PriorSpec:
     arguments = inspect.signature(build_ssd).bind(**build_ssd_arguments)  # unknown names: TypeError
     arguments.apply_defaults()
     a = arguments.arguments
-    _check_arch(a["arch"], a["size"])
+    options = NetworkOptions(a["size"], a["width"], a["reduced_tail"], a["head"])
+    preset, exact_maps = _priors(a["arch"], options, a["backbone"], a["prior_preset_name"])
 
     def measured() -> tuple[int, ...]:
-        backbone, neck, _ = _network_parts(a["arch"], a["size"], a["width"], a["reduced_tail"])
-        return _feature_map_sizes(backbone, neck, a["size"])
+        parts = _network_parts(a["arch"], options, a["backbone"])
+        return _feature_map_sizes(parts.backbone, parts.neck, a["size"])
 
-    return _prior_spec(
-        a["arch"],
-        a["size"],
-        a["prior_preset_name"],
-        a["prior_spec"],
-        a["min_sizes"],
-        a["max_sizes"],
-        measured,
-    )
+    spec, min_sizes, max_sizes = a["prior_spec"], a["min_sizes"], a["max_sizes"]
+    return _prior_spec(a["size"], preset, spec, min_sizes, max_sizes, measured, exact_maps)
 
 
-def _check_arch(arch: str, size: int) -> None:
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
-    if arch == "vgg16" and size not in (300, 512):
-        raise ValueError(f"VGG16 SSD comes in sizes 300 and 512, got {size}")
-    if arch == "resnet50" and size != 300:
-        raise ValueError(f"the ResNet-50 SSD is NVIDIA's SSD300: size must be 300, got {size}")
+def _priors(
+    arch: str, options: NetworkOptions, backbone: Backbone | None, named: str | None
+) -> tuple[str, bool]:
+    """The priors of the network (a preset name, "scales" or "ssdlite") and whether a preset's feature maps
+    are exactly the network's (else its box sizes go on the network's own maps)."""
+    if options.head is not None and options.head not in HEAD_STYLES:
+        raise ValueError(f"model.net.head={options.head!r}: choose one of {HEAD_STYLES}")
+    if backbone is not None:
+        return named or HEAD_PRIORS[options.head or "ssd"], False
+    architecture = get_architecture(arch)
+    return architecture.priors_for(options, named), architecture.named_priors != "sizes"
 
 
-def _network_parts(
-    arch: str, size: int, width: int, reduced_tail: bool
-) -> tuple[nn.Module, nn.Module, HeadFactory]:
-    """Backbone, neck and head factory of `arch`."""
-    _check_arch(arch, size)
-    if arch == "vgg16":
-        backbone = VGG16Backbone()
-        return (
-            backbone,
-            SSDNeck(backbone.out_channels, EXTRAS_SSD300 if size == 300 else EXTRAS_SSD512),
-            SSDHead,
+def _network_parts(arch: str, options: NetworkOptions, backbone: Backbone | None = None) -> NetworkParts:
+    """The network parts of `arch`, or around a `backbone` of the user's own."""
+    if backbone is None:
+        return get_architecture(arch).parts(options)
+    return plugin_parts(backbone, options)
+
+
+def _on_maps(spec: PriorSpec, maps: tuple[int, ...], preset: str) -> PriorSpec:
+    if len(maps) != len(spec.feature_maps):
+        raise ValueError(
+            f"model.net.prior_preset_name={preset} describes {len(spec.feature_maps)} feature maps but the "
+            f"network has {len(maps)} ({list(maps)}): use model.net.prior_preset_name=scales"
         )
-    if arch == "compact":
-        backbone = CompactBackbone(width)
-        return backbone, SSDNeck(backbone.out_channels, compact_extras(width), l2norm_first=False), SSDHead
-    if arch == "mobilenet_v3_large":
-        backbone = MobileNetV3Backbone(reduced_tail=reduced_tail)
-        return backbone, SSDLiteNeck(backbone.out_channels), SSDLiteHead
-    backbone = ResNet50Backbone()
-    neck = SSDNeck(backbone.out_channels, EXTRAS_RESNET50, l2norm_first=False, batch_norm=True)
-    return backbone, neck, SSDHead
+    return replace(spec, feature_maps=maps, steps=tuple(spec.image_size / side for side in maps))
+
+
+def ssd_aspect_ratios(maps: int) -> tuple[tuple[int, ...], ...]:
+    """The paper's aspect ratios for `maps` feature maps: 2 on the first and last two, 2 and 3 between."""
+    return tuple((2,) if i == 0 or i >= maps - 2 else (2, 3) for i in range(maps))
 
 
 def _prior_spec(
-    arch: str,
     size: int,
-    prior_preset_name: str | None,
+    preset: str,
     prior_spec: PriorSpec | None,
     min_sizes: Sequence[float] | None,
     max_sizes: Sequence[float] | None,
     feature_map_sizes: Callable[[], tuple[int, ...]],
+    exact_maps: bool = True,
 ) -> PriorSpec:
-    """The priors of `arch` at `size`; `feature_map_sizes` is called only for the archs whose boxes follow
-    the network (compact, SSDLite)."""
-    preset = prior_preset_name or _DEFAULT_PRIORS.get(arch, "voc")
+    """The priors at `size`: `prior_spec`, else the `preset` (a `prior_preset` name, or "scales" / "ssdlite":
+    from the network's feature maps, `feature_map_sizes()`, by the paper's or torchvision's SSDLite rule).
+    `exact_maps=False`: a named preset keeps its box sizes and ratios on the network's own maps."""
     if prior_spec is not None:
         spec = prior_spec
-    elif arch == "compact":
-        spec = PriorSpec.from_scales(size, feature_map_sizes(), _COMPACT_RATIOS)
-    elif arch == "mobilenet_v3_large" and preset == "ssdlite":
+    elif preset == "scales":
+        maps = feature_map_sizes()
+        spec = PriorSpec.from_scales(size, maps, ssd_aspect_ratios(len(maps)))
+    elif preset == "ssdlite":
         spec = ssdlite_prior_spec(size, feature_map_sizes())
     else:
         spec = prior_preset(size, preset)
+        if not exact_maps:
+            spec = _on_maps(spec, feature_map_sizes(), preset)
     if spec.image_size != size:
         raise ValueError(f"prior spec is for {spec.image_size}px input but size={size}")
     for name, sizes in (("min_sizes", min_sizes), ("max_sizes", max_sizes)):

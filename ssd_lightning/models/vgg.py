@@ -9,6 +9,23 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ssd_lightning.models.architecture import (
+    Architecture,
+    NetworkOptions,
+    NetworkParts,
+    PublishedDetector,
+    torchvision_start,
+)
+from ssd_lightning.models.heads import SSDHead
+from ssd_lightning.models.neck import EXTRAS_SSD300, EXTRAS_SSD512, SSDNeck
+from ssd_lightning.models.pretrained import (
+    PixelNormalization,
+    pixel_normalization,
+    torchvision_normalization,
+    torchvision_weights,
+)
+from ssd_lightning.models.renaming import count_numbered, rename
+
 # (stage, convs in the stage, output channels); every stage but the last ends in a 2x2 max pool.
 _VGG16_STAGES = ((1, 2, 64), (2, 2, 128), (3, 3, 256), (4, 3, 512), (5, 3, 512))
 # Conv layer names in the order of torchvision's `vgg16().features` and ssd.pytorch's `vgg` list.
@@ -118,6 +135,10 @@ def load_vgg16_backbone(backbone: VGG16Backbone, weights: Mapping[str, Tensor] |
         if not path.is_file():
             raise FileNotFoundError(f"backbone weights file not found: {path}")
         weights = torch.load(path, map_location="cpu", weights_only=True)
+    # torchvision's IMAGENET1K_FEATURES ships NaN classifier weights (features only): never use those.
+    weights = {
+        k: v for k, v in weights.items() if not (k.startswith("classifier.") and not torch.isfinite(v).all())
+    }
     named = _named_vgg_weights(weights)
     loaded = []
     for name in VGG16_CONV_NAMES:
@@ -135,3 +156,85 @@ def load_vgg16_backbone(backbone: VGG16Backbone, weights: Mapping[str, Tensor] |
                 target.copy_(tensor)
         loaded.append(name)
     return loaded
+
+
+def file_normalization(path: Path) -> PixelNormalization | None:
+    """The convention of a VGG16 weight file: ssd.pytorch's reduced-fc file is Caffe's; a torchvision file
+    with a real classifier is IMAGENET1K_V1's, with NaN classifier weights IMAGENET1K_FEATURES' (Caffe);
+    None for a features-only file (either)."""
+    # mmap: reading a few tensors of a large file costs nothing more than its header.
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if "0.weight" in state:
+        return pixel_normalization("vgg16_imagenet")
+    if "classifier.0.weight" in state:
+        with_classifier = bool(torch.isfinite(state["classifier.0.weight"]).all())
+        name = "IMAGENET1K_V1" if with_classifier else "IMAGENET1K_FEATURES"
+        return torchvision_normalization(torchvision_weights("vgg16", name))
+    return None
+
+
+# Position of each VGG conv in the flat layer lists of torchvision's `vgg16().features` / ssd.pytorch `vgg`.
+_VGG_POSITIONS = dict(
+    zip(VGG16_CONV_NAMES, (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28, 31, 33), strict=True)
+)
+
+
+def _our_vgg_key(name: str) -> str:
+    stage = "to_conv4_3" if name < "conv5" else "to_conv7"
+    return f"backbone.{stage}.{name}"
+
+
+def _from_ssd_pytorch(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """amdegroot/ssd.pytorch's SSD300/SSD512 in our names."""
+    names = {f"vgg.{pos}": _our_vgg_key(conv) for conv, pos in _VGG_POSITIONS.items()}
+    names["L2Norm.weight"] = "neck.l2norm.weight"
+    for i in range(count_numbered(state, "extras.")):  # the extras list alternates 1x1 and 3x3 convs
+        names[f"extras.{i}"] = f"neck.extras.{i // 2}.{0 if i % 2 == 0 else 2}"
+    for k in range(count_numbered(state, "loc.")):
+        names[f"loc.{k}"] = f"heads.{k}.loc"
+        names[f"conf.{k}"] = f"heads.{k}.conf"
+    return rename(state, names, "ssd.pytorch")
+
+
+def _from_torchvision(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """torchvision's `ssd300_vgg16` in our names."""
+    names = {f"backbone.features.{_VGG_POSITIONS[c]}": _our_vgg_key(c) for c in VGG16_CONV_NAMES[:10]}
+    names.update(
+        {
+            "backbone.extra.0.1": _our_vgg_key("conv5_1"),
+            "backbone.extra.0.3": _our_vgg_key("conv5_2"),
+            "backbone.extra.0.5": _our_vgg_key("conv5_3"),
+            "backbone.extra.0.7.1": _our_vgg_key("conv6"),
+            "backbone.extra.0.7.3": _our_vgg_key("conv7"),
+            "backbone.scale_weight": "neck.l2norm.weight",
+        }
+    )
+    for i in range(1, count_numbered(state, "backbone.extra.")):  # extra.0 is conv5..conv7
+        names[f"backbone.extra.{i}.0"] = f"neck.extras.{i - 1}.0"
+        names[f"backbone.extra.{i}.2"] = f"neck.extras.{i - 1}.2"
+    for k in range(count_numbered(state, "head.regression_head.module_list.")):
+        names[f"head.regression_head.module_list.{k}"] = f"heads.{k}.loc"
+        names[f"head.classification_head.module_list.{k}"] = f"heads.{k}.conf"
+    return rename(state, names, "torchvision")
+
+
+def _parts(options: NetworkOptions) -> NetworkParts:
+    backbone = VGG16Backbone()
+    extras = EXTRAS_SSD300 if options.size == 300 else EXTRAS_SSD512
+    return NetworkParts(backbone, SSDNeck(backbone.out_channels, extras), SSDHead)
+
+
+ARCHITECTURE = Architecture(
+    name="vgg16",
+    parts=_parts,
+    sizes=(300, 512),
+    priors="voc",
+    imagenet=torchvision_start("vgg16", load_vgg16_backbone, "IMAGENET1K_V1", file_normalization),
+    detectors={
+        "ssd.pytorch": PublishedDetector("ssd.pytorch", _from_ssd_pytorch),
+        "torchvision": PublishedDetector(
+            "ssd300_vgg16_torchvision", _from_torchvision, lambda state: "backbone.scale_weight" in state
+        ),
+    },
+    description="the paper's SSD300/SSD512: VGG16 with fc6/fc7 as dilated conv6/conv7, L2Norm on conv4_3",
+)

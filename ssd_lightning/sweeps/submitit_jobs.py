@@ -135,7 +135,7 @@ def _result(submitted: Any, job: SweepJob, sweep_dir: Path) -> JobReturn:
     try:
         return submitted.results()[0]
     except Exception as error:  # submitit's UncompletedJobError, FailedJobError, ...
-        from ssd_lightning.training.sweep import record_lost_job
+        from ssd_lightning.sweeps.summary import record_lost_job
 
         returned = JobReturn(overrides=list(filter_overrides(job.overrides)), status=JobStatus.FAILED)
         returned.return_value = error

@@ -22,7 +22,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ssd_lightning.training import launch
-from ssd_lightning.training.sweep import SUMMARY_FILE
+
+SUMMARY_FILE = "summary.jsonl"  # one JSON line per job, written by sweeps.summary.SweepSummary
 
 CSV_FILE = "sweep_report.csv"
 MARKDOWN_FILE = "sweep_report.md"

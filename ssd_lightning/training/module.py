@@ -7,29 +7,28 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from ssd_lightning.data.transforms import normalize_images
 from ssd_lightning.loss import MultiBoxLoss
-from ssd_lightning.models import build_ssd
-from ssd_lightning.training.ema import holds_ema_weights
-from ssd_lightning.training.evaluation import (
+from ssd_lightning.metrics.evaluation import (
     DetectionEvaluator,
     EvaluationResult,
     detections_in_pixels,
     to_pixels,
 )
-from ssd_lightning.training.optim import apply_lr_mults, parameter_groups
+from ssd_lightning.models import build_ssd
+from ssd_lightning.optim import apply_lr_mults, parameter_groups
+from ssd_lightning.training.ema import holds_ema_weights
 from ssd_lightning.training.rng import restore_rng_states, rng_states
+from ssd_lightning.training.wandb_logging import record_run_id
 
 Batch = tuple[Tensor, list[dict[str, Any]]]
 OptimizerFactory = Callable[..., Optimizer]
 SchedulerFactory = Callable[..., LRScheduler]
 
-WANDB_RUN_ID_KEY = "wandb_run_id"
 BEST_PREFIX = "best/"  # logged metrics and metrics.json: the best value of each validation metric so far
 BEST_VALIDATION_KEY = "best_validation"
 RNG_STATES_KEY = "rng_states"
@@ -247,10 +246,7 @@ class SSDLitModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lets `python train.py ckpt_path=...` continue the same W&B run.
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                checkpoint[WANDB_RUN_ID_KEY] = logger.version
+        record_run_id(checkpoint, self.loggers)  # `python train.py ckpt_path=...` continues the W&B run
         checkpoint[BEST_VALIDATION_KEY] = dict(self.best_validation)
         checkpoint[RNG_STATES_KEY] = rng_states()
 

@@ -51,9 +51,9 @@ class NonFiniteGuard(pl.Callback):
     ) -> None:
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"trainer.on_nonfinite={mode!r}: choose one of {MODES}")
+            raise ValueError(f"callbacks.nonfinite.mode={mode!r}: choose one of {MODES}")
         if skip_limit < 1:
-            raise ValueError(f"trainer.nonfinite_skip_limit must be >= 1, got {skip_limit}")
+            raise ValueError(f"callbacks.nonfinite.skip_limit must be >= 1, got {skip_limit}")
         self.mode = mode
         self.skip_limit = skip_limit
         self.check_every_n_steps = check_every_n_steps
@@ -165,11 +165,11 @@ class NonFiniteGuard(pl.Callback):
             return
         first_step = int(self._state["first_step"])
         if self.mode == "skip" and int(self._state["longest_run"]) >= self.skip_limit:
-            what = f"{self.skip_limit} non-finite steps in a row (trainer.nonfinite_skip_limit)"
+            what = f"{self.skip_limit} non-finite steps in a row (callbacks.nonfinite.skip_limit)"
             raise NonFiniteLossError(self.report(trainer, first_step, what))
         if self.mode == "stop" and first_step >= 0:
             raise NonFiniteLossError(
-                self.report(trainer, first_step, "the run stopped (trainer.on_nonfinite=stop)")
+                self.report(trainer, first_step, "the run stopped (callbacks.nonfinite.mode=stop)")
             )
         if first_step >= 0 and self._first_record is None:  # the first bad step's batch, for a later report
             self._first_record = next((h for h in self._history if h["step"] == first_step), None)
@@ -211,7 +211,7 @@ class NonFiniteGuard(pl.Callback):
         lines.append("  usual causes:")
         lines += [f"    - {cause}" for cause in _usual_causes(trainer, stats, record)]
         if self.mode == "stop":
-            lines.append("  to skip such steps instead (counted, undone): trainer.on_nonfinite=skip")
+            lines.append("  to skip such steps instead (counted, undone): callbacks.nonfinite.mode=skip")
         return "\n".join(lines)
 
 

@@ -85,7 +85,7 @@ def test_workers_draw_different_augmentations(compose_cfg, shapes_overrides) -> 
 def test_coco_mapping_and_test_split_default_to_val(compose_cfg, coco128_coco: Path) -> None:
     cfg = compose_cfg("dataset=coco", f"dataset.root={coco128_coco}", "dataset.val_split=train2017")
     datamodule = instantiate_datamodule(cfg)
-    assert datamodule.coco_splits == {"train": "train2017", "val": "train2017", "test": "train2017"}
+    assert datamodule.source.splits == {"train": "train2017", "val": "train2017", "test": "train2017"}
     assert len(datamodule.label_to_category_id) == 80
 
 
@@ -98,18 +98,6 @@ def test_voc_classes_txt_is_read_when_classes_is_null(compose_cfg, coco128_voc: 
     )
     datamodule = instantiate_datamodule(cfg)
     assert datamodule.classes == (coco128_voc / "VOC2007" / "classes.txt").read_text().split()
-
-
-def test_predict_on_a_folder_of_images(shapes_datamodule: DetectionDataModule, tmp_path: Path) -> None:
-    cv2.imwrite(str(tmp_path / "x.png"), np.zeros((30, 40, 3), np.uint8))
-    shapes_datamodule.predict_root = str(tmp_path)
-    try:
-        shapes_datamodule.setup("predict")
-        images, targets = next(iter(shapes_datamodule.predict_dataloader()))
-    finally:
-        shapes_datamodule.predict_root = None
-        shapes_datamodule.datasets.pop("predict", None)
-    assert images.shape == (1, 3, 96, 96) and targets[0]["orig_size"].tolist() == [30, 40]
 
 
 def test_data_problems_surface_in_setup_before_training(compose_cfg, make_voc: Callable[..., Path]) -> None:
@@ -148,7 +136,7 @@ def test_data_problems_surface_in_setup_before_training(compose_cfg, make_voc: C
             TypeError,
             r"build_train_transform\(\) got an unexpected keyword argument 'flip'",
         ),
-        (["dataset.std=[1,0,1]"], ValueError, None, "std > 0"),
+        (["model.pixel_std=[1,0,1]"], ValueError, None, "std > 0"),
     ],
     ids=["format", "split", "flip", "std"],
 )

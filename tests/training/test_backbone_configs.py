@@ -26,7 +26,7 @@ from ssd_lightning.cli.predict import predict
 from ssd_lightning.cli.train import initialise_weights, train
 from ssd_lightning.export import read_metadata, unpad_detections
 from ssd_lightning.models import MobileNetV3Backbone, ResNet50Backbone
-from ssd_lightning.training.optim import resolve_steps
+from ssd_lightning.optim import resolve_steps
 
 IMAGENET = ([123.675, 116.28, 103.53], [58.395, 57.12, 57.375])
 MINUS_ONE_TO_ONE = ([127.5] * 3, [127.5] * 3)  # torchvision's SSDLite input scaling

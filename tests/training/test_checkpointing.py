@@ -11,13 +11,13 @@ import torch
 import torchvision
 
 from ssd_lightning.models import build_ssd
+from ssd_lightning.models.initial_weights import load_backbone_weights, load_detector_weights
 from ssd_lightning.training.checkpointing import (
     AtomicCheckpointIO,
     find_last_checkpoint,
     resolve_checkpoint,
     run_folder_of,
 )
-from ssd_lightning.training.weights import load_backbone_weights, load_detector_weights
 
 
 def test_a_crash_during_a_save_keeps_the_previous_checkpoint(
@@ -84,7 +84,7 @@ def test_backbone_weights_offline_fail_with_a_clear_message(monkeypatch: pytest.
         load_backbone_weights(build_ssd(300, 21), "NOT_A_WEIGHT")
     with pytest.raises(FileNotFoundError, match="not found"):
         load_backbone_weights(build_ssd(300, 21), "weights/missing.pth")
-    with pytest.raises(ValueError, match="CompactBackbone: set model.backbone_weights=null"):
+    with pytest.raises(ValueError, match="'compact' has no ImageNet backbone; set model.backbone_weights=n"):
         load_backbone_weights(build_ssd(96, 6, arch="compact"), "IMAGENET1K_FEATURES")
 
 

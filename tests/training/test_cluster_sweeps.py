@@ -25,7 +25,7 @@ from test_wandb import finished_records
 from training_helpers import CONF_DIR, check_ok, probes_env, run_script
 
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE
-from ssd_lightning.sweeps.resources import JobResources
+from ssd_lightning.sweeps.resources import AUTO_CPUS_PER_TASK, JobResources
 from ssd_lightning.sweeps.study import INTERRUPTED_ATTR, WORKER_ATTR, open_study
 from ssd_lightning.sweeps.submitit_jobs import executor_settings, plan_jobs, slurm_executor
 
@@ -141,7 +141,8 @@ def test_the_slurm_launcher_sizes_each_job_from_its_trainer_config(
     launcher = yaml.safe_load(shown)["hydra"]["launcher"]
     assert launcher["_target_"] == "hydra_plugins.ssd_lightning_sweeps.launchers.SlurmLauncher"
     assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 4, 4)
-    assert launcher["cpus_per_task"] == 3  # the built-in data's 2 loader workers and the training process
+    # num_workers=auto: a GPU job's loader takes the CPUs it is given (less one), so it asks for enough.
+    assert launcher["cpus_per_task"] == AUTO_CPUS_PER_TASK
     assert launcher["additional_parameters"] == {"signal": "USR1@90", "requeue": True}
 
     # A sweep over the trainer: each job sized from its own config, told the sweep folder.
@@ -149,9 +150,13 @@ def test_the_slurm_launcher_sizes_each_job_from_its_trainer_config(
     master = _configs(["hydra/launcher=submitit_slurm", f"hydra.sweep.dir={sweep_dir}"])
     launcher_options = OmegaConf.to_container(master.config.hydra.launcher, resolve=True)
     master.params = {k: v for k, v in launcher_options.items() if k != "_target_"}  # what Hydra passes
-    small, large = plan_jobs(master, [["trainer.devices=1"], ["trainer.devices=4", "trainer.num_nodes=2"]], 0)
+    jobs = [["trainer.devices=1", "dataset.num_workers=2"], ["trainer.devices=4", "trainer.num_nodes=2"]]
+    small, large = plan_jobs(master, jobs, 0)
+    # 2 loader workers and the training process; auto: AUTO_CPUS_PER_TASK
     assert small.resources == JobResources(nodes=1, tasks_per_node=1, gpus_per_node=1, cpus_per_task=3)
-    assert large.resources == JobResources(nodes=2, tasks_per_node=4, gpus_per_node=4, cpus_per_task=3)
+    assert large.resources == JobResources(
+        nodes=2, tasks_per_node=4, gpus_per_node=4, cpus_per_task=AUTO_CPUS_PER_TASK
+    )
     assert large.overrides[-1] == f"hydra.sweep.dir='{sweep_dir}'"
 
     # The sbatch script submitit writes for the large job (no cluster here: submitit only looks for srun).

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from pytorch_lightning.strategies import DDPStrategy
-from training_helpers import CONF_DIR, compose_config
+from training_helpers import CONF_DIR, TINY_SHAPES, compose_config
 
 from ssd_lightning.cli.build import (
     build_module,
@@ -21,7 +21,7 @@ from ssd_lightning.cli.build import (
 )
 from ssd_lightning.cli.build import instantiate_datamodule as make_datamodule
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE
-from ssd_lightning.training.callbacks import WandbDetectionImages
+from ssd_lightning.training.wandb_logging import WandbDetectionImages
 
 MODELS = ["compact", "ssd300", "ssd512"]
 DATASETS = ["shapes", "voc", "coco"]
@@ -49,9 +49,10 @@ def test_every_combination_composes(model: str, dataset: str, trainer: str, tmp_
         tmp_path,
     )
     assert cfg.model.name == model and cfg.dataset.name == dataset
-    # The data follows the model's input size and normalisation unless told otherwise.
-    assert cfg.dataset.image_size == cfg.model.image_size == cfg.model.net.size
-    assert list(cfg.dataset.mean) == list(cfg.model.pixel_mean)
+    # The data follows the model's input size and normalisation, passed when it is built: the dataset
+    # config reads nothing of the model's (the model's reads the dataset's prior sizes).
+    assert not {"image_size", "mean", "std"} & set(cfg.dataset)
+    assert cfg.model.image_size == cfg.model.net.size
     assert cfg.trainer._target_ == "pytorch_lightning.Trainer"
     assert "num_classes" not in cfg.model.net
 
@@ -70,7 +71,9 @@ def test_every_model_and_dataset_instantiate(
     expected = {"shapes": 6, "voc": 21, "coco": 81}[dataset]
     assert datamodule.num_classes == module.num_classes == expected
     assert module.net.heads[0].conf.out_channels % expected == 0
-    assert module.net.image_size == cfg.model.image_size
+    assert module.net.image_size == datamodule.image_size == cfg.model.image_size
+    assert list(datamodule.mean) == list(cfg.model.pixel_mean)
+    assert list(datamodule.std) == list(cfg.model.pixel_std)
     if dataset == "coco":
         assert module.hparams.category_ids[:3] == [1, 2, 3] and module.hparams.category_ids[-1] == 90
 
@@ -138,10 +141,12 @@ def test_custom_classes_set_num_classes(coco128_root: Path, tmp_path: Path) -> N
     assert build_module(cfg, make_datamodule(cfg)).num_classes == 4
 
 
-def test_input_size_mismatch_is_an_error(shapes_root: Path, tmp_path: Path) -> None:
-    cfg = compose_config("train", [f"dataset.root={shapes_root}", "dataset.image_size=128"], tmp_path)
-    with pytest.raises(ValueError, match="model.image_size"):
-        make_datamodule(cfg)
+def test_the_data_takes_the_models_input_size(shapes_root: Path, tmp_path: Path) -> None:
+    overrides = [f"dataset.root={shapes_root}", *TINY_SHAPES, "model.image_size=128"]
+    cfg = compose_config("train", overrides, tmp_path)
+    datamodule = make_datamodule(cfg)
+    image, _ = datamodule.build_dataset("test")[0]
+    assert tuple(image.shape[-2:]) == (128, 128) == (datamodule.image_size,) * 2
 
 
 @pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb"])

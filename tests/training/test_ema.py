@@ -12,7 +12,7 @@ import torch
 from probes import Recorder
 from training_helpers import compose_config, shapes_as_voc
 
-from ssd_lightning.cli.eval import load_for_inference
+from ssd_lightning.cli.build import load_for_inference
 from ssd_lightning.cli.train import train
 from ssd_lightning.training.ema import RAW_WEIGHTS_KEY
 

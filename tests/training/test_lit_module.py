@@ -14,10 +14,10 @@ from torch.utils.data import DataLoader
 
 from ssd_lightning.data import build_eval_transform, build_train_transform, collate_detection
 from ssd_lightning.data.transforms import normalize_images
-from ssd_lightning.training.callbacks import denormalize
-from ssd_lightning.training.evaluation import DetectionEvaluator, detections_in_pixels
+from ssd_lightning.metrics.evaluation import DetectionEvaluator, detections_in_pixels
+from ssd_lightning.optim import warmup_multistep
 from ssd_lightning.training.module import SSDLitModule
-from ssd_lightning.training.optim import warmup_multistep
+from ssd_lightning.visualize import denormalize
 
 CLASSES = ["cat", "dog", "bird"]
 SIZE = 64

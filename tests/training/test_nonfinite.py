@@ -73,7 +73,7 @@ def test_a_non_finite_loss_stops_with_a_report(fast: list[str], tmp_path: Path) 
     assert len(images) == 4 and all("VOCshapes/JPEGImages/train_" in line for line in images)
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert f"last finite checkpoint: {last} (step 6)" in report
-    assert "trainer.on_nonfinite=skip" in report and "a learning rate too high" in report
+    assert "callbacks.nonfinite.mode=skip" in report and "a learning rate too high" in report
     checkpoint = torch.load(last, weights_only=False)
     assert checkpoint["global_step"] == 6  # nothing written after the bad step
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
@@ -81,7 +81,7 @@ def test_a_non_finite_loss_stops_with_a_report(fast: list[str], tmp_path: Path) 
 
 @pytest.mark.timeout(600)
 def test_skipped_steps_are_undone_and_counted(fast: list[str], tmp_path: Path) -> None:
-    metrics = run(fast, tmp_path, [3, 9], "trainer.on_nonfinite=skip", "trainer.log_every_n_steps=4")
+    metrics = run(fast, tmp_path, [3, 9], "callbacks.nonfinite.mode=skip", "trainer.log_every_n_steps=4")
     assert metrics["step"] == STEPS and metrics["train/nonfinite_steps"] == 2
     weights = PoisonSteps.weights
     torch.testing.assert_close(weights[4], weights[3], rtol=0, atol=0)  # step 3 changed nothing
@@ -93,7 +93,7 @@ def test_too_many_skipped_steps_in_a_row_stop_the_run(fast: list[str], tmp_path:
     with pytest.raises(
         NonFiniteLossError, match=r"at step 2 \(epoch 1\): 3 non-finite steps in a row"
     ) as caught:
-        run(fast, tmp_path, [2, 3, 4], "trainer.on_nonfinite=skip", "trainer.nonfinite_skip_limit=3")
+        run(fast, tmp_path, [2, 3, 4], "callbacks.nonfinite.mode=skip", "callbacks.nonfinite.skip_limit=3")
     assert len([line for line in str(caught.value).splitlines() if line.startswith("    image ")]) == 4
 
 
@@ -125,7 +125,7 @@ def test_under_ddp_one_rank_s_bad_loss_stops_every_rank(fast: list[str], tmp_pat
 
 @pytest.mark.timeout(600)
 def test_under_ddp_one_rank_s_bad_step_is_undone_on_every_rank(fast: list[str], tmp_path: Path) -> None:
-    result, run_dir = ddp_run(fast, tmp_path, "trainer.on_nonfinite=skip", "trainer.log_every_n_steps=1")
+    result, run_dir = ddp_run(fast, tmp_path, "callbacks.nonfinite.mode=skip", "trainer.log_every_n_steps=1")
     assert result.returncode == 0, result.stdout + result.stderr
     weights = [torch.load(run_dir / f"weights_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert torch.equal(weights[0], weights[1])  # both ranks undid step 2: they never drifted apart

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ssd_lightning.models import L2Norm, build_ssd
-from ssd_lightning.training.optim import parameter_groups, resolve_steps, warmup_cosine, warmup_multistep
+from ssd_lightning.optim import parameter_groups, resolve_steps, warmup_cosine, warmup_multistep
 
 
 def lrs(factory, total: int, **kwargs) -> list[float]:

@@ -13,11 +13,11 @@ from omegaconf import DictConfig
 from torchvision.ops import box_iou
 from training_helpers import compose_config
 
-from ssd_lightning.cli.build import instantiate_datamodule
-from ssd_lightning.cli.eval import evaluate, load_for_inference
+from ssd_lightning.cli.build import instantiate_datamodule, load_for_inference
+from ssd_lightning.cli.eval import evaluate
 from ssd_lightning.cli.train import train
 from ssd_lightning.metrics import VOCMeanAveragePrecision
-from ssd_lightning.training.evaluation import detections_in_pixels
+from ssd_lightning.metrics.evaluation import detections_in_pixels
 from ssd_lightning.training.module import SSDLitModule
 
 HANDFUL = 6  # images: the first batch of coco128's VOC "val" list, used for training and validation

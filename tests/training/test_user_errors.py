@@ -11,10 +11,11 @@ from training_helpers import compose_config, ensure_tiny_shapes, run_script, sha
 
 from ssd_lightning.cli.eval import evaluate
 from ssd_lightning.cli.predict import predict
-from ssd_lightning.cli.preflight import ConfigurationError, check_accelerator, check_wandb_login
+from ssd_lightning.cli.preflight import ConfigurationError, check_accelerator
 from ssd_lightning.cli.train import train
 from ssd_lightning.data import DatasetError
 from ssd_lightning.training.module import SSDLitModule
+from ssd_lightning.training.wandb_logging import check_wandb_login
 
 COCO_SPLITS = ["dataset.train_split=train2017", "dataset.val_split=train2017"]
 
@@ -93,15 +94,15 @@ def test_wandb_without_login_stops_before_training_and_says_how_to_log_in(tmp_pa
 
 def test_wandb_check_passes_offline_or_with_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
     logger = {"wandb": {"_target_": "pytorch_lightning.loggers.WandbLogger", "offline": False}}
-    monkeypatch.setattr("ssd_lightning.cli.preflight.wandb_has_credentials", lambda: False)
+    monkeypatch.setattr("ssd_lightning.training.wandb_logging.wandb_has_credentials", lambda: False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     check_wandb_login(logger)  # offline by environment
     monkeypatch.setenv("WANDB_MODE", "online")
     check_wandb_login({"wandb": {**logger["wandb"], "offline": True}})  # offline by config
     check_wandb_login({"csv": {"_target_": "pytorch_lightning.loggers.CSVLogger"}})  # no W&B at all
-    with pytest.raises(ConfigurationError, match="wandb login"):
+    with pytest.raises(ValueError, match="wandb login"):
         check_wandb_login(logger)
-    monkeypatch.setattr("ssd_lightning.cli.preflight.wandb_has_credentials", lambda: True)
+    monkeypatch.setattr("ssd_lightning.training.wandb_logging.wandb_has_credentials", lambda: True)
     check_wandb_login(logger)
 
 

@@ -65,6 +65,27 @@ class EvaluationResult:
     # Errors by cause and misses by size, when the evaluator was asked for them (eval.py analysis=true).
     analysis: ErrorAnalysis | None = field(default=None, repr=False)
 
+    def format(self, title: str) -> str:
+        """The three protocols' mAP, COCO's per-size AP and recall, and a per-class AP table, as text."""
+        lines = [
+            f"{title} ({self.num_images} images)",
+            f"  mAP VOC07 (11-point, IoU 0.5): {self.map_voc07:.4f}",
+            f"  mAP VOC2010+ (area, IoU 0.5):  {self.map_voc12:.4f}",
+            f"  mAP COCO @[.5:.95]:            {self.map:.4f}",
+            f"  mAP COCO @.5 / @.75:           {self.map_50:.4f} / {self.map_75:.4f}",
+            f"  AP COCO small / medium / large: {self.map_small:.4f} / {self.map_medium:.4f} / "
+            f"{self.map_large:.4f}",
+            f"  AR COCO @100:                  {self.mar_100:.4f}",
+        ]
+        if self.per_class_ap_voc07:
+            width = max(len(name) for name in self.per_class_ap_voc07)
+            lines.append(f"  {'class':<{width}}  AP VOC07  AP VOC2010+")
+            for name, ap07 in self.per_class_ap_voc07.items():
+                lines.append(
+                    f"  {name:<{width}}  {ap07:8.4f}  {self.per_class_ap_voc12.get(name, float('nan')):11.4f}"
+                )
+        return "\n".join(lines)
+
     @classmethod
     def scalar_names(cls) -> list[str]:
         """The names `scalars()` has (map_voc07, map, ... num_images)."""

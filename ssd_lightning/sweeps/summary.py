@@ -20,9 +20,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from ssd_lightning.sweeps.table import SUMMARY_FILE, write_report
+
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.jsonl"
 PRUNED = "PRUNED"  # an Optuna trial its pruner stopped: not a failure
 
 
@@ -92,7 +93,6 @@ class SweepSummary(Callback):
             result = entry["value"] if entry["status"] == "COMPLETED" else entry["error"]
             job = entry.get("folder") or entry["job"]  # an Optuna job's folder is its trial's number
             log.info("  job %s %-9s %s -> %s", job, entry["status"], " ".join(entry["overrides"]), result)
-        from ssd_lightning.sweeps.table import write_report
 
         try:
             written = write_report(sweep_dir)

@@ -1,5 +1,6 @@
-"""Export of the SSDLite320 MobileNetV3 and SSD300 ResNet-50 networks: the ONNX file (in onnxruntime) and the
-TorchScript file give PyTorch's detections on the same images (tolerances as in test_export).
+"""Export of the SSDLite320 MobileNetV3, SSD300 ResNet-50 and timm-backbone networks: the ONNX file (in
+onnxruntime) and the TorchScript file give PyTorch's detections on the same images (tolerances as in
+test_export).
 
 TorchScript is checked on SSDLite only, whose Hardswish, Hardsigmoid, ReLU6 and squeeze-excitation layers
 are new to export; ResNet-50's conv/BatchNorm/ReLU/max-pool layers trace like the other networks', and its
@@ -29,9 +30,17 @@ CLASSES = ["cat", "dog", "bird"]
 ARCHS = {
     "mobilenet_v3_large": {"arch": "mobilenet_v3_large", "size": 320},
     "resnet50": {"arch": "resnet50", "size": 300, "prior_preset_name": "coco"},
+    # timm backbones with SSD heads at 300 and SSDLite heads at 320
+    "timm:resnet18": {"arch": "timm:resnet18", "size": 300},
+    "timm:convnext_atto": {"arch": "timm:convnext_atto", "size": 320, "head": "ssdlite"},
 }
 # (weight variance gain, scale of the class-logit weights) that give logits of std ~2.5 on noise images.
-SCALES = {"mobilenet_v3_large": (1.6, 0.5), "resnet50": (1.0, 0.5)}
+SCALES = {
+    "mobilenet_v3_large": (1.6, 0.5),
+    "resnet50": (1.0, 0.5),
+    "timm:resnet18": (0.5, 1.0),
+    "timm:convnext_atto": (1.0, 1.0),
+}
 
 
 def _trained_like(model: sl.SSD, gain: float, conf_scale: float, seed: int = 0) -> sl.SSD:

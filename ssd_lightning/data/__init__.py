@@ -9,6 +9,7 @@ from .base import DatasetError, DetectionDataset, ImageFolderDataset, ImageRecor
 from .coco import COCODetection
 from .datamodule import DetectionDataModule, collate_detection, seed_worker
 from .shapes import SHAPE_CLASSES, default_shapes_root, ensure_shapes_dataset, render_scene
+from .sources import DataSource
 from .transforms import (
     SSD_MIN_IOUS,
     DetectionTransform,
@@ -19,6 +20,7 @@ from .transforms import (
     build_train_transform,
     normalize_images,
     photometric_distortion,
+    to_tensor_steps,
 )
 from .voc import VOC_CLASSES, VOCDetection
 
@@ -27,6 +29,7 @@ __all__ = [
     "SSD_MIN_IOUS",
     "VOC_CLASSES",
     "COCODetection",
+    "DataSource",
     "DatasetError",
     "DetectionDataModule",
     "DetectionDataset",
@@ -48,4 +51,5 @@ __all__ = [
     "photometric_distortion",
     "render_scene",
     "seed_worker",
+    "to_tensor_steps",
 ]

@@ -228,7 +228,7 @@ class DetectionDataModule(pl.LightningDataModule):
         if not self.classes or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"dataset.classes must be distinct names, got {self.classes}")
         self.label_to_category_id = self.source.label_to_category_id
-        self.train_transform(normalize=False)  # built once here only to fail early on a misspelt key
+        self._check_train_transform(self.train_transform(normalize=False))  # a misspelt key fails here
         self.datasets: dict[str, Any] = {}
 
     @property
@@ -237,7 +237,8 @@ class DetectionDataModule(pl.LightningDataModule):
         return len(self.classes) + 1
 
     def train_transform(self, normalize: bool = True) -> DetectionTransform:
-        """The training augmentation: build_train_transform with `augmentation`, or the class it names."""
+        """The training augmentation: build_train_transform with `augmentation`, or the class it names (whose
+        images are uint8 whatever `normalize` says: it ends with `to_tensor_steps(mean, std)`)."""
         if is_spec(self.augmentation):
             return build_plugin(
                 self.augmentation, DetectionTransform, "dataset.augmentation",
@@ -246,6 +247,27 @@ class DetectionDataModule(pl.LightningDataModule):
         return build_train_transform(
             self.image_size, self.mean, self.std, **self.augmentation, normalize=normalize
         )
+
+    def _check_train_transform(self, transform: DetectionTransform) -> None:
+        """A transform of the user's own gives what the batches need: uint8 [3,S,S] at the model's size."""
+        if not is_spec(self.augmentation):
+            return
+        side = self.image_size
+        image = np.full((side + side // 2, side, 3), 127, np.uint8)
+        target = {
+            "boxes": np.array([[1.0, 1.0, side / 2, side / 2]], np.float32),
+            "labels": np.array([1]),
+            "difficult": np.array([False]),
+            "image_id": 0,
+            "orig_size": np.array([side + side // 2, side]),
+        }
+        tensor, _ = transform(image, target)
+        if tensor.dtype != torch.uint8 or tuple(tensor.shape) != (3, side, side):
+            raise ValueError(
+                f"dataset.augmentation ({self.augmentation['_target_']}) gives {tensor.dtype} images of "
+                f"{tuple(tensor.shape)}; the batches need uint8 [3, {side}, {side}] (model.image_size): end "
+                "its steps with a resize to image_size and ssd_lightning.data.to_tensor_steps(mean, std)"
+            )
 
     def prepare_data(self) -> None:
         """Make the data exist (the built-in data is generated; once per node, the other processes wait)."""

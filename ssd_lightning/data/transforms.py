@@ -378,7 +378,11 @@ class DetectionTransform:
         }
 
 
-def _to_tensor_steps(mean: Sequence[float], std: Sequence[float], normalize: bool) -> list[A.BasicTransform]:
+def to_tensor_steps(
+    mean: Sequence[float], std: Sequence[float], normalize: bool = False
+) -> list[A.BasicTransform]:
+    """The last steps of a transform: the image as a [3,S,S] tensor, uint8 (what the DataModule's batches
+    hold: the model normalises them on its device) or, `normalize=True`, float32 `(pixel - mean) / std`."""
     if not normalize:
         return [ToTensorV2()]  # keeps the dtype: uint8 [3,S,S]
     # mean/std are on the 0-255 scale, hence max_pixel_value=1
@@ -441,7 +445,7 @@ def build_train_transform(
             ),
         ),
         A.HorizontalFlip(p=hflip_p),
-        *_to_tensor_steps(mean, std, normalize),
+        *to_tensor_steps(mean, std, normalize),
     ]
     return DetectionTransform(steps)
 
@@ -454,4 +458,4 @@ def build_eval_transform(
     ``normalize=False`` returns uint8 pixels instead (see :func:`build_train_transform`).
     """
     resize = A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR)
-    return DetectionTransform([resize, *_to_tensor_steps(mean, std, normalize)])
+    return DetectionTransform([resize, *to_tensor_steps(mean, std, normalize)])

@@ -79,14 +79,16 @@ def load_timm_backbone(backbone: TimmBackbone, weights: str | Path) -> list[str]
                 "or train from scratch with model.backbone_weights=null"
             ) from error
         state = {key.removeprefix("body."): value for key, value in state.items()}
-    result = backbone.body.load_state_dict(state, strict=False)  # a full model's classifier has no place here
-    loaded = {key.split(".")[0] for key in state} - {key.split(".")[0] for key in result.missing_keys}
-    if len(result.missing_keys) == len(backbone.body.state_dict()):
+    own = backbone.body.state_dict()
+    loaded = sorted({key.split(".")[0] for key in state if key in own})
+    if not loaded:
         raise ValueError(
             f"model.backbone_weights={weights}: none of its tensors is a weight of timm's {backbone.name} "
             "(expected the state dict of timm.create_model(name) or of its features_only model)"
         )
-    return sorted(loaded)
+    # A full model's layers past the last map read (its classifier too) have no place here.
+    backbone.body.load_state_dict({key: value for key, value in state.items() if key in own}, strict=False)
+    return loaded
 
 
 def timm_architecture(name: str) -> Architecture:

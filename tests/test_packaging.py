@@ -3,19 +3,12 @@ folder, and a user's own config folder adds to ours without copying them."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
 import tomllib
 from setuptools import find_namespace_packages, find_packages
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-IGNORED = shutil.ignore_patterns("__pycache__", "*.egg-info")
+from wheel_install import PROJECT_ROOT, install_wheel, outside_env, run, site_packages
 
 
 def test_pyproject_lists_every_code_package() -> None:
@@ -26,36 +19,14 @@ def test_pyproject_lists_every_code_package() -> None:
     assert listed == set(ours) | set(plugins)
 
 
-def run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
 @pytest.mark.timeout(900)
 def test_the_wheel_runs_from_any_folder_with_its_own_configs(tmp_path: Path) -> None:
-    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info beside the sources
-    for folder in ("conf", "ssd_lightning", "hydra_plugins"):
-        shutil.copytree(PROJECT_ROOT / folder, source / folder, ignore=IGNORED)
-    for file in ("pyproject.toml", "README.md"):
-        shutil.copy(PROJECT_ROOT / file, source / file)
-    dist = tmp_path / "dist"
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist)]
-    run([*build, "."], source)
-    (wheel,) = dist.glob("ssd_lightning-*.whl")
-    venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path)
-    # The dependencies come from this environment (offline); the package itself only from the wheel: a
-    # path line in a .pth file does not run the editable install's own .pth hook.
-    site = Path(sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})["purelib"])
-    site.mkdir(parents=True, exist_ok=True)
-    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    venv = install_wheel(tmp_path)
+    site = site_packages(venv)
     python = venv / "bin" / "python"
-    run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], tmp_path)
-
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = outside_env()
     shown = run([str(venv / "bin" / "ssd-train"), "--cfg", "job"], elsewhere, env)
     assert "  name: compact\n" in shown and "  name: shapes\n" in shown
     # A user's config folder beside ours: a new experiment, using our groups.

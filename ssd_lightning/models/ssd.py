@@ -251,7 +251,14 @@ def _prior_spec(
     elif preset == "ssdlite":
         spec = ssdlite_prior_spec(size, feature_map_sizes())
     else:
-        spec = prior_preset(size, preset)
+        try:
+            spec = prior_preset(size, preset)
+        except ValueError as error:
+            raise ValueError(
+                f"{error}. model.net.prior_preset_name={preset} names the paper's box sizes, which exist for "
+                "those sizes only; model.net.prior_preset_name=null gives priors from the network's own "
+                "feature maps at any size"
+            ) from None
         if not exact_maps:
             spec = _on_maps(spec, feature_map_sizes(), preset)
     if spec.image_size != size:

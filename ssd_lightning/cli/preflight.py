@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ssd_lightning.cli.report import configure_console
+from ssd_lightning.models.initial_weights import detector_sources
 from ssd_lightning.training.checkpointing import CheckpointWriteError
 from ssd_lightning.training.interruption import RunInterrupted
 from ssd_lightning.training.nonfinite import NonFiniteLossError
@@ -202,7 +203,7 @@ def check_resume_compatible(checkpoint: Mapping[str, Any], module: torch.nn.Modu
     if saved_state is None or saved_hparams is None:
         raise ConfigurationError(
             f"ckpt_path={path} is not a training checkpoint of this project; to start from other weights "
-            "use model.weights=<file> model.weights_source=ssd_lightning|ssd.pytorch|torchvision"
+            f"use model.weights=<file> model.weights_source={'|'.join(detector_sources())}"
         )
     own = module.state_dict()
     fits = set(saved_state) == set(own) and all(saved_state[k].shape == v.shape for k, v in own.items())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import signal
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +308,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=not trust)
         except RunInterrupted as stop:
             interrupted = stop
+        except KeyError as error:  # torch's scheduler load_state_dict on another kind of scheduler
+            frames = traceback.extract_tb(error.__traceback__)
+            if not any(frame.name == "restore_lr_schedulers" for frame in frames):
+                raise
+            raise ConfigurationError(
+                f"ckpt_path={ckpt_path} holds a learning-rate schedule of another shape than this config's "
+                f"(e.g. warmup in one and not in the other: scheduler.warmup_steps, the run's length). To "
+                "resume, pass the schedule settings of the run that wrote it (its .hydra/overrides.yaml); "
+                f"to start a new run from its weights instead, use model.weights={ckpt_path}"
+            ) from error
         except ValueError as error:
             if "`val_check_interval`" not in str(error):
                 raise

@@ -157,6 +157,17 @@ def test_resuming_a_checkpoint_of_another_model_size(fast: list[str], tmp_path: 
     assert "holds a vgg16 SSD300 with 5 classes" in message and "builds a vgg16 SSD512" in message
 
 
+def test_resuming_under_a_schedule_of_another_shape(fast: list[str], tmp_path: Path) -> None:
+    run = [*fast, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "test=false"]
+    train(compose_config("train", [*run, "scheduler=cosine", "scheduler.warmup_steps=0"], tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    longer = [*run, "trainer.max_epochs=3", "scheduler=cosine", "scheduler.warmup_steps=2"]
+    longer.append(f"ckpt_path={ckpt}")
+    message = _train_error(longer, tmp_path / "b", ConfigurationError)
+    assert "holds a learning-rate schedule of another shape than this config's" in message
+    assert f"model.weights={ckpt}" in message
+
+
 def test_eval_of_a_checkpoint_on_data_with_other_classes(fast: list[str], tmp_path: Path) -> None:
     net = {"arch": "compact", "size": 96, "width": 16}
     ckpt = _checkpoint_of(_module(net, ["dog", "cat"]), tmp_path / "dog_cat.ckpt")

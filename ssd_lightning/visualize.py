@@ -3,7 +3,8 @@ name and score above a display threshold, the ground truth, when given, drawn fa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,6 +72,20 @@ def upscale(image: Tensor, boxes: Sequence[Tensor], min_side: int) -> tuple[Tens
 def image_grid(images: Sequence[Tensor], columns: int = 4) -> Tensor:
     """Equal-sized uint8 [3,H,W] images in a grid (white gaps), for one picture of a batch of results."""
     return make_grid(list(images), nrow=columns, padding=6, pad_value=255)
+
+
+def batch_samples(
+    batch: tuple[Tensor, Sequence[Mapping[str, Any]]],
+    detections: Sequence[Mapping[str, Any]],
+    mean: Sequence[float],
+    std: Sequence[float],
+    count: int,
+) -> list[tuple[np.ndarray, Mapping[str, Any], Mapping[str, Any]]]:
+    """Up to `count` (uint8 HxWx3 RGB image, target, detections) of a batch and its detections: what the
+    pictures of a validation or test pass are drawn from."""
+    images, targets = batch
+    samples = list(zip(images, targets, detections, strict=True))[: max(count, 0)]
+    return [(denormalize(image, mean, std), target, found) for image, target, found in samples]
 
 
 def denormalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -14,7 +14,7 @@ from torch import Tensor
 from torchvision.io import write_png
 
 from ssd_lightning.training.wandb_logging import log_picture
-from ssd_lightning.visualize import DISPLAY_THRESHOLD, denormalize, draw_detections, image_grid, upscale
+from ssd_lightning.visualize import DISPLAY_THRESHOLD, batch_samples, draw_detections, image_grid, upscale
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -78,11 +78,11 @@ class TestDetectionsPicture(pl.Callback):
         missing = self.num_images - len(self._tiles)
         if missing <= 0 or outputs is None or not trainer.is_global_zero:
             return
-        images, targets = batch
         hparams: Mapping[str, Any] = pl_module.hparams
-        for image, target, det in list(zip(images, targets, outputs, strict=True))[:missing]:
-            pixels = torch.from_numpy(denormalize(image, hparams["pixel_mean"], hparams["pixel_std"]))
-            pixels = pixels.permute(2, 0, 1).cpu()
+        for image, target, det in batch_samples(
+            batch, outputs, hparams["pixel_mean"], hparams["pixel_std"], missing
+        ):
+            pixels = torch.from_numpy(image).permute(2, 0, 1)
             size = torch.tensor(pixels.shape[-2:][::-1] * 2, dtype=torch.float32)  # (W, H, W, H)
             tile, (boxes, truth) = upscale(
                 pixels,

@@ -16,7 +16,7 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 from torch import Tensor
 
 from ssd_lightning.metrics.analysis import OUTCOMES, ErrorAnalysis
-from ssd_lightning.visualize import denormalize
+from ssd_lightning.visualize import batch_samples
 
 log = logging.getLogger("ssd_lightning")
 
@@ -149,12 +149,13 @@ class WandbDetectionImages(pl.Callback):
         missing = self.num_images - len(self._images)
         if missing <= 0 or outputs is None or not self._active(trainer):
             return
-        images, targets = batch
         hparams: Mapping[str, Any] = pl_module.hparams
         names = pl_module.class_names
-        for image, target, det in list(zip(images, targets, outputs, strict=True))[:missing]:
+        for pixels, target, det in batch_samples(
+            batch, outputs, hparams["pixel_mean"], hparams["pixel_std"], missing
+        ):
             keep = det["scores"] >= self.min_score
-            self._images.append(denormalize(image, hparams["pixel_mean"], hparams["pixel_std"]))
+            self._images.append(pixels)
             self._boxes.append(
                 {
                     "predictions": wandb_boxes(

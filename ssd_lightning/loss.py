@@ -89,6 +89,10 @@ class MultiBoxLoss(nn.Module):
     accelerator and CUDA graphs want); False selects the positive priors and the top-k negatives by their
     counts (data-dependent shapes, about 1.7x faster on a CPU); None (default) picks by the device.
     Both give the same losses and gradients, in float32 whatever the dtype of the predictions and boxes.
+
+    `class_weights`: one weight per object class (labels 1..C-1, in order) multiplying the classification
+    loss of the priors matched to that class, for rare classes; background priors keep weight 1 and the
+    normaliser stays the number of positives, so all-ones weights are the paper's loss exactly.
     """
 
     def __init__(
@@ -99,10 +103,20 @@ class MultiBoxLoss(nn.Module):
         variances: Variances = DEFAULT_VARIANCES,
         min_negatives: int | None = None,
         static_shapes: bool | None = None,
+        class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
+        weights = None
+        if class_weights is not None:
+            weights = torch.tensor([1.0, *(float(w) for w in class_weights)], dtype=torch.float32)
+            if len(weights) != num_classes or not torch.isfinite(weights).all() or (weights < 0).any():
+                raise ValueError(
+                    f"model.loss.class_weights needs {num_classes - 1} finite weights >= 0 (one per class of "
+                    f"dataset.classes, in order), got {list(class_weights)}"
+                )
+        self.register_buffer("class_weights", weights, persistent=False)
         self.num_classes = num_classes
         self.iou_threshold = iou_threshold
         self.neg_pos_ratio = neg_pos_ratio
@@ -145,6 +159,8 @@ class MultiBoxLoss(nn.Module):
         negatives = hard_negative_mask(
             ce.detach(), positives, self.neg_pos_ratio, self.min_negatives, self.static_shapes
         )
+        if self.class_weights is not None:  # background's weight is 1: the mined negatives are unchanged
+            ce = ce * self.class_weights[matched.labels]
         # torch.where, not a product with the mask: a non-finite loss of an unchosen prior times 0 is NaN.
         loss_conf = torch.where(positives | negatives, ce, 0.0).sum() / normaliser
         return loss_loc, loss_conf

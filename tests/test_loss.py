@@ -290,3 +290,29 @@ def test_ground_truth_without_area_is_left_out(static):
     with pytest.warns(UserWarning, match="2 ground-truth box"):
         losses = criterion(loc, conf, PRIORS, with_flat)
     torch.testing.assert_close(losses, expected)
+
+
+def test_class_weights_scale_the_positives_classification_loss_only():
+    """By hand: one positive of class 2 (weight 4) and its three hardest negatives (weight 1 whatever the
+    weights); all-ones weights are the plain loss."""
+    obj = {"boxes": OBJECT["boxes"], "labels": torch.tensor([2])}
+    conf = torch.zeros(1, 8, 3)
+    conf[0, :, 0] = torch.tensor([0.0, 1.0, -2.0, 2.0, 3.0, -3.0, 4.0, -1.0])
+
+    def ce(logits, label):
+        return -torch.log_softmax(torch.tensor(logits), 0)[label].item()
+
+    negatives = ce([-3.0, 0.0, 0.0], 0) + ce([-2.0, 0.0, 0.0], 0) + ce([-1.0, 0.0, 0.0], 0)
+    positive = ce([0.0, 0.0, 0.0], 2)
+    plain = MultiBoxLoss(num_classes=3)(_perfect_loc(), conf, PRIORS, [obj])
+    ones = MultiBoxLoss(num_classes=3, class_weights=[1, 1])(_perfect_loc(), conf, PRIORS, [obj])
+    weighted = MultiBoxLoss(num_classes=3, class_weights=[1, 4])(_perfect_loc(), conf, PRIORS, [obj])
+    assert plain[1].item() == pytest.approx(positive + negatives, rel=1e-6)
+    assert ones[1].item() == plain[1].item() and ones[0].item() == weighted[0].item()
+    assert weighted[1].item() == pytest.approx(4 * positive + negatives, rel=1e-6)
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, -1.0], [1.0, float("nan")]])
+def test_class_weights_must_be_one_per_class_and_finite(weights):
+    with pytest.raises(ValueError, match="model.loss.class_weights needs 2 finite weights >= 0"):
+        MultiBoxLoss(num_classes=3, class_weights=weights)

@@ -1,6 +1,6 @@
 """Every problem of a dataset at once, without training:
 
-    python -m ssd_lightning.cli.check dataset=<shapes|voc|coco> dataset.root=<path> [overrides]
+    python -m ssd_lightning.cli.check dataset=<shapes|voc|coco|yolo> dataset.root=<path> [overrides]
     ssd-check dataset=...  # the same, installed as a console script
 
 Takes the same Hydra overrides as ``train.py`` (it composes ``conf/train.yaml``); each problem is printed

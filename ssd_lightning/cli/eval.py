@@ -4,7 +4,9 @@ Prints the three mAPs and a per-class table and writes them as JSON. The network
 normalisation come from the checkpoint, so `model=` need not be repeated. `analysis=true` adds the false
 positives by cause and the missed objects by size (`ssd_lightning.metrics.analysis`) to the printout and
 the JSON, and draws precision-recall curves per class (a PNG in the run folder, and a W&B plot with
-`logger=wandb`).
+`logger=wandb`). Always: the confusion matrix and precision/recall/F1 against the score threshold with the
+threshold of best F1 (`confusion_matrix.{json,png}`, `thresholds.json`, `pr_f1_curves.png` in the output
+folder; `training/run_plots.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
 from ssd_lightning.metrics.analysis import plot_pr_curves
 from ssd_lightning.metrics.evaluation import EvaluationResult
 from ssd_lightning.training.module import SSDLitModule
-from ssd_lightning.training.wandb_logging import finish, log_error_analysis
+from ssd_lightning.training.run_plots import write_evaluation_outputs
+from ssd_lightning.training.wandb_logging import finish, log_error_analysis, log_png_files
 
 SPLITS = ("val", "test")
 log = logging.getLogger("ssd_lightning")
@@ -40,6 +43,17 @@ def check_classes(module: SSDLitModule, classes: list[str], where: str) -> None:
         )
 
 
+def confusion_threshold(value: object) -> float | None:
+    """`confusion_score_threshold`: a score in [0, 1], or null (the threshold of best F1)."""
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(
+            f"confusion_score_threshold={value!r}: give a score in [0, 1], or null (the threshold of best F1)"
+        )
+    return float(value)
+
+
 def evaluate(cfg: DictConfig) -> EvaluationResult:
     """Run the eval task of `cfg` (composed from conf/eval.yaml)."""
     check_accelerator(cfg.trainer)
@@ -50,8 +64,10 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
     hparams = module.hparams
     datamodule = instantiate_datamodule(cfg, module.image_size, hparams.pixel_mean, hparams.pixel_std)
     check_classes(module, datamodule.classes, f"dataset={cfg.dataset.name}")
+    evaluator = module.val_evaluator if cfg.split == "val" else module.test_evaluator
+    evaluator.confusion_and_thresholds = True  # confusion_matrix.*, thresholds.json, pr_f1_curves.png
+    evaluator.confusion_score_threshold = confusion_threshold(cfg.get("confusion_score_threshold"))
     if cfg.get("analysis", False):
-        evaluator = module.val_evaluator if cfg.split == "val" else module.test_evaluator
         evaluator.error_analysis = True
         evaluator.analysis_score_threshold = float(cfg.analysis_score_threshold)
     loggers = instantiate_loggers(cfg.get("logger"))
@@ -67,6 +83,12 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
         report(f"Wrote {png}")
         if trainer.is_global_zero:
             log_error_analysis(result.analysis, png, title, loggers)
+    if result.thresholds is not None:
+        report(result.thresholds.format())
+    if trainer.is_global_zero:
+        pictures = write_evaluation_outputs(result, cfg.paths.output_dir, f"{cfg.dataset.name} {cfg.split}")
+        log_png_files(loggers, pictures)
+    report(f"Wrote the confusion matrix and the precision/recall/F1 curves in {cfg.paths.output_dir}")
     write_json(cfg.output_json, {"checkpoint": str(cfg.ckpt_path), "split": cfg.split, **result.to_dict()})
     report(f"Wrote {cfg.output_json}")
     finish(loggers)

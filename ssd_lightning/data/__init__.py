@@ -1,4 +1,4 @@
-"""Detection data: VOC, COCO and the built-in shapes dataset, SSD augmentation, a LightningDataModule.
+"""Detection data: VOC, COCO, YOLO and the built-in shapes dataset, SSD augmentation, a LightningDataModule.
 
 Loaders validate everything up front (a :class:`DatasetError` lists every problem, naming its file);
 ``python -m ssd_lightning.cli.check dataset=<name> dataset.root=<path>`` reports them all without
@@ -23,6 +23,7 @@ from .transforms import (
     to_tensor_steps,
 )
 from .voc import VOC_CLASSES, VOCDetection
+from .yolo import YOLODetection
 
 __all__ = [
     "SHAPE_CLASSES",
@@ -41,6 +42,7 @@ __all__ = [
     "IoUCrop",
     "Problem",
     "VOCDetection",
+    "YOLODetection",
     "build_eval_transform",
     "build_train_transform",
     "collate_detection",

@@ -15,13 +15,14 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from ssd_lightning.plugins import build_plugin, is_spec
 
 from .base import Target
 from .batch_plan import BatchPlan, plan_batch
+from .sampling import RepeatFactorSampler, repeat_factors
 from .sources import SOURCES, SPLITS, DataSource
 from .transforms import DetectionTransform, build_eval_transform, build_train_transform
 
@@ -106,10 +107,11 @@ class DetectionDataModule(pl.LightningDataModule):
     :func:`~ssd_lightning.data.transforms.normalize_images` (``SSDLitModule`` does it itself).
 
     Args:
-        format: a built-in data format (``shapes``, generated on first use; ``voc``; ``coco``), read by
-            its :class:`~ssd_lightning.data.sources.DataSource`; ignored when ``source`` is given.
-        root: dataset folder: a VOCdevkit (voc), the folder holding ``annotations/`` (coco), the
-            cache folder (shapes; None means :func:`~ssd_lightning.data.shapes.default_shapes_root`).
+        format: a built-in data format (``shapes``, generated on first use; ``voc``; ``coco``; ``yolo``),
+            read by its :class:`~ssd_lightning.data.sources.DataSource`; ignored when ``source`` is given.
+        root: dataset folder: a VOCdevkit (voc), the folder holding ``annotations/`` (coco), the dataset's
+            YAML or its folder (yolo), the cache folder (shapes; None means
+            :func:`~ssd_lightning.data.shapes.default_shapes_root`).
         classes: class names without background. None: the data's own (VOC: ``classes.txt`` of the first
             train year, else VOC's 20; COCO: every category of the annotation file; shapes: its five).
         name: display name for logs; defaults to the format's.
@@ -139,6 +141,10 @@ class DetectionDataModule(pl.LightningDataModule):
         source: a data source of your own instead of ``format``: ``{"_target_": "my_package.MySource",
             ...}``, a :class:`~ssd_lightning.data.sources.DataSource` subclass built with ``root``, ``name``
             and the other keys (or a DataSource object).
+        sampler: None (shuffle) or ``repeat_factor``: LVIS repeat-factor sampling of the training images
+            (:class:`~ssd_lightning.data.sampling.RepeatFactorSampler`), for class imbalance.
+        repeat_threshold: its threshold ``t``: a class in fewer than this fraction of the training images
+            repeats its images ``sqrt(t / f)`` times on average.
     """
 
     def __init__(
@@ -168,6 +174,8 @@ class DetectionDataModule(pl.LightningDataModule):
         augmentation: Mapping[str, Any] | None = None,
         shapes: Mapping[str, Any] | None = None,
         source: Mapping[str, Any] | DataSource | None = None,
+        sampler: str | None = None,
+        repeat_threshold: float = 0.1,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=[] if source is None or is_spec(source) else ["source"])
@@ -224,6 +232,12 @@ class DetectionDataModule(pl.LightningDataModule):
         self.skip_bad_samples = skip_bad_samples
         self.verify_images = verify_images
         self.augmentation = dict(augmentation or {})
+        if sampler not in (None, "repeat_factor"):
+            raise ValueError(f"dataset.sampler must be null or repeat_factor, got {sampler!r}")
+        if not float(repeat_threshold) > 0:
+            raise ValueError(f"dataset.repeat_threshold must be > 0, got {repeat_threshold}")
+        self.sampler = sampler
+        self.repeat_threshold = float(repeat_threshold)
         self.classes = self.source.class_names(classes)
         if not self.classes or len(set(self.classes)) != len(self.classes):
             raise ValueError(f"dataset.classes must be distinct names, got {self.classes}")
@@ -355,6 +369,16 @@ class DetectionDataModule(pl.LightningDataModule):
                 training=trainer.state.fn == "fit",
             )
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+        if (
+            stage in (None, "fit")
+            and not self.val_holdout
+            and self.source.reads("val") == self.source.reads("train")
+        ):
+            rank_zero_warn(
+                f"{self.name}: validation reads the training images ({self.source.reads('val')}): its mAP "
+                "measures memory, not generalisation, and the best checkpoint is chosen on it. Set "
+                "dataset.val_holdout=0.1 to validate on held-out training images."
+            )
         for split in needed.get(stage or "", SPLITS):
             if split not in self.datasets:
                 self.datasets[split] = self.build_dataset(split)
@@ -387,7 +411,9 @@ class DetectionDataModule(pl.LightningDataModule):
         dataset = self.datasets[split]
         sampler = None
         trainer = self.trainer
-        if split != "train" and trainer is not None and trainer.world_size > 1:
+        if split == "train" and self.sampler == "repeat_factor":
+            sampler, shuffle = self._repeat_factor_sampler(dataset), False
+        elif split != "train" and trainer is not None and trainer.world_size > 1:
             # Every image evaluated exactly once: Lightning's default sampler pads ranks with repeats.
             sampler = UnrepeatedDistributedSampler(
                 dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
@@ -405,6 +431,25 @@ class DetectionDataModule(pl.LightningDataModule):
             collate_fn=collate_detection,
             worker_init_fn=functools.partial(seed_worker, rank=self._rank()),
         )
+
+    def _repeat_factor_sampler(self, dataset: Any) -> RepeatFactorSampler:
+        records = getattr(dataset, "records", None)
+        if records is None:
+            raise ValueError(
+                "dataset.sampler=repeat_factor needs training images with known labels; "
+                f"{type(dataset).__name__} makes them on the fly (dataset.shapes.online=false: the cache)"
+            )
+        factors = repeat_factors([record.labels for record in records], self.repeat_threshold)
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # seed_everything's: the same order on every rank
+        sampler = RepeatFactorSampler(dataset, factors, num_replicas=replicas, rank=rank, seed=seed)
+        rank_zero_info(
+            f"repeat-factor sampling (t={self.repeat_threshold:g}): {len(records)} training images make "
+            f"{sampler.total_size} per epoch, {int((factors > 1).sum())} of them repeated, at most "
+            f"{factors.max():.2f} times"
+        )
+        return sampler
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -19,6 +19,7 @@ from .base import DatasetError, DetectionDataset, Problem, Transform
 from .coco import COCODetection, check_coco_root, coco_annotation_file, read_coco_json, resolve_coco_classes
 from .shapes import SHAPE_CLASSES, OnlineShapesDataset, default_shapes_root, ensure_shapes_dataset
 from .voc import VOC_CLASSES, VOCDetection, check_voc_root, read_class_file, voc_folder
+from .yolo import YOLODetection, find_data_yaml, read_data_yaml, split_images
 
 SPLITS = ("train", "val", "test")
 
@@ -185,5 +186,46 @@ class ShapesSource(DataSource):
         return OnlineShapesDataset(length, classes, transform=transform, **generation)
 
 
+class YOLOSource(DataSource):
+    """Ultralytics YOLO layout: `root` is the dataset's YAML (or its folder) naming `train`, `val`, optional
+    `test` (else the val split) and `names`; see :mod:`ssd_lightning.data.yolo`."""
+
+    def __init__(self, root: str | Path | None, name: str | None = None) -> None:
+        super().__init__(root, name)
+        self.config = find_data_yaml(self.root)
+        self.data = read_data_yaml(self.config)
+        self.splits = {split: self.data.get(split) or self.data["val"] for split in SPLITS}
+
+    def class_names(self, requested: Sequence[str] | None) -> list[str]:
+        names = self.data["names"]
+        if requested is None:
+            return list(names)
+        unknown = [str(n) for n in requested if str(n) not in names]
+        if unknown:
+            problems = [Problem(str(self.config), f"class {n!r} is not in its names") for n in unknown]
+            raise DatasetError("yolo classes", problems)
+        return [str(n) for n in requested]
+
+    def load(self, split: str, classes: Sequence[str], **options: Any) -> DetectionDataset:
+        images, problems = split_images(self.splits[split], self.data["path"], self.config)
+        if not images:
+            problems.append(
+                Problem(str(self.config), f"{split} split {self.splits[split]!r} holds no images")
+            )
+            raise DatasetError(f"{self.name} {split}", problems)
+        return YOLODetection(
+            images, self.data["names"], classes, name=f"{self.name} {split}", problems=problems, **options
+        )
+
+    def reads(self, split: str) -> Hashable:
+        entry = self.splits[split]
+        return tuple(entry) if isinstance(entry, list) else entry
+
+
 #: The data formats by name (`dataset.format`); a format of your own needs no entry: `dataset.source`.
-SOURCES: dict[str, type[DataSource]] = {"voc": VOCSource, "coco": COCOSource, "shapes": ShapesSource}
+SOURCES: dict[str, type[DataSource]] = {
+    "voc": VOCSource,
+    "coco": COCOSource,
+    "yolo": YOLOSource,
+    "shapes": ShapesSource,
+}

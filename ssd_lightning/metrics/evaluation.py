@@ -13,6 +13,9 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from ssd_lightning.metrics import VOCMeanAveragePrecision
 from ssd_lightning.metrics.analysis import ErrorAnalysis, analyze_errors
+from ssd_lightning.metrics.confusion import ConfusionMatrix, confusion_matrix
+from ssd_lightning.metrics.thresholds import ThresholdCurves, match_detections, threshold_curves
+from ssd_lightning.visualize import DISPLAY_THRESHOLD
 
 # COCO's protocol scores at most 100 detections per image; passing more only makes torchmetrics warn.
 COCO_MAX_DETECTIONS = 100
@@ -64,6 +67,10 @@ class EvaluationResult:
     per_class_ap_voc12: dict[str, float] = field(default_factory=dict)
     # Errors by cause and misses by size, when the evaluator was asked for them (eval.py analysis=true).
     analysis: ErrorAnalysis | None = field(default=None, repr=False)
+    # Precision/recall/F1 against the score threshold and the confusion matrix, when asked for
+    # (`DetectionEvaluator.confusion_and_thresholds`: the final test pass, eval.py).
+    thresholds: ThresholdCurves | None = field(default=None, repr=False)
+    confusion: ConfusionMatrix | None = field(default=None, repr=False)
 
     def format(self, title: str) -> str:
         """The three protocols' mAP, COCO's per-size AP and recall, and a per-class AP table, as text."""
@@ -95,10 +102,14 @@ class EvaluationResult:
         return {k: float(v) for k, v in self.to_dict().items() if isinstance(v, (int, float))}
 
     def to_dict(self) -> dict:
-        data = asdict(replace(self, analysis=None))  # the analysis holds arrays: its own to_dict
-        data.pop("analysis")
+        # The analysis, curves and matrix hold arrays: their own to_dict (the curves in thresholds.json)
+        data = asdict(replace(self, analysis=None, thresholds=None, confusion=None))
+        for key in ("analysis", "thresholds", "confusion"):
+            data.pop(key)
         if self.analysis is not None:
             data["analysis"] = self.analysis.to_dict()
+        if self.thresholds is not None:
+            data["best_f1"] = self.thresholds.summary()
         return data
 
 
@@ -108,7 +119,11 @@ class DetectionEvaluator(nn.Module):
 
     With `error_analysis` set, `compute()` also breaks the errors down (`ssd_lightning.metrics.analysis`,
     from the VOC metric's gathered state; counted over all detections and over those scoring at least
-    `analysis_score_threshold`); off by default, when it costs nothing.
+    `analysis_score_threshold`); off by default, when it costs nothing. With `confusion_and_thresholds`
+    set, `compute()` adds precision/recall/F1 against the score threshold
+    (`ssd_lightning.metrics.thresholds`) and the confusion matrix (`ssd_lightning.metrics.confusion`) of the
+    detections scoring >= `confusion_score_threshold` (None: the threshold of best F1 over all classes, or
+    `DISPLAY_THRESHOLD` when there is none).
     """
 
     def __init__(
@@ -118,6 +133,8 @@ class DetectionEvaluator(nn.Module):
         self.class_names = list(class_names)
         self.error_analysis = error_analysis
         self.analysis_score_threshold = analysis_score_threshold
+        self.confusion_and_thresholds = False
+        self.confusion_score_threshold: float | None = None
         # Two instances because the metric reports per-class AP for its chosen protocol only.
         self.voc07 = VOCMeanAveragePrecision(
             iou_threshold=0.5, use_07_metric=True, class_names=self.class_names
@@ -165,6 +182,9 @@ class DetectionEvaluator(nn.Module):
         voc07 = self.voc07.compute()
         voc12 = self.voc12.compute()
         coco = self.coco.compute()
+        thresholds, confusion = (
+            self._confusion_and_thresholds() if self.confusion_and_thresholds else (None, None)
+        )
         return EvaluationResult(
             map_voc07=float(voc07["map"]),
             map_voc12=float(voc12["map"]),
@@ -179,7 +199,23 @@ class DetectionEvaluator(nn.Module):
             per_class_ap_voc07=self.voc07.per_class_ap(voc07),
             per_class_ap_voc12=self.voc12.per_class_ap(voc12),
             analysis=self._analyze() if self.error_analysis else None,
+            thresholds=thresholds,
+            confusion=confusion,
         )
+
+    def _confusion_and_thresholds(self) -> tuple[ThresholdCurves, ConfusionMatrix]:
+        # One more gather of the VOC rows under DDP, as for the analysis (every rank gets here).
+        rows = self.voc12.accumulated()
+        matching = match_detections(*rows, iou_threshold=self.voc12.iou_threshold)
+        curves = threshold_curves(*rows, self.class_names, self.voc12.iou_threshold, matching)
+        threshold = self.confusion_score_threshold
+        if threshold is None:
+            best = curves.overall.best
+            threshold = best.threshold if best is not None else DISPLAY_THRESHOLD
+        confusion = confusion_matrix(
+            *rows, self.class_names, float(threshold), self.voc12.iou_threshold, matching
+        )
+        return curves, confusion
 
     def _analyze(self) -> ErrorAnalysis:
         # One more gather of the VOC rows under DDP (every rank gets here, as for compute()).

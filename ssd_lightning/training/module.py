@@ -202,6 +202,11 @@ class SSDLitModule(pl.LightningModule):
         self.log_dict(
             {f"{stage}/ap_voc07/{k}": v for k, v in result.per_class_ap_voc07.items()}, sync_dist=True
         )
+        best = result.thresholds.overall.best if result.thresholds is not None else None
+        if best is not None:  # when asked for (training/run_plots.py): metrics.json has them
+            self.log_dict(
+                {f"{stage}/best_f1": best.f1, f"{stage}/best_f1_threshold": best.threshold}, sync_dist=True
+            )
 
     def validation_step(self, batch: Batch, batch_idx: int) -> list[dict[str, Tensor]]:
         return self._evaluation_step(batch, self.val_evaluator, "val")

@@ -82,6 +82,18 @@ def log_picture(loggers: Sequence[Logger], key: str, picture: np.ndarray) -> Non
         logger.log_image(key=key, images=[picture])
 
 
+def log_png_files(loggers: Sequence[Logger], pictures: Mapping[str, str | Path]) -> None:
+    """PNG files written into the run folder (`training/run_plots.py`), by key (e.g. plots/confusion_matrix),
+    in each W&B run, in one history entry."""
+    runs = wandb_loggers(loggers)
+    if not runs or not pictures:
+        return
+    import wandb
+
+    for logger in runs:
+        logger.experiment.log({key: wandb.Image(str(path)) for key, path in pictures.items()})
+
+
 def finish(loggers: Sequence[Logger]) -> None:
     """Close the W&B run, so that the next job of a multirun starts its own."""
     for logger in wandb_loggers(loggers):

@@ -17,7 +17,7 @@ FLOORS = {
     "loss": 2, "postprocess": 2,
     "models": 3,
     "": 4,  # the package's own __init__ (the notebook API)
-    "export": 5, "benchmark": 5, "training": 5,
+    "export": 5, "benchmark": 5, "training": 5, "runtimes": 5,
     "sweeps": 6,
     "cli": 7,
 }  # fmt: skip

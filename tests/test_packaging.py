@@ -60,9 +60,10 @@ def test_the_wheel_runs_from_any_folder_with_its_own_configs(tmp_path: Path) -> 
         assert (venv / "bin" / script).is_file()
     where, *shown = run([str(python), "-c", check], elsewhere, env).splitlines(keepends=True)
     assert Path(where.strip()) == site / "ssd_lightning" / "conf"  # the package's own copy, not the sources
+    # eval and predict take ckpt_path= or model_path= (an exported file): neither is mandatory on its own
     assert shown[:3] == [
-        "ssd-eval ssd_lightning.cli.eval eval ???\n",
-        "ssd-predict ssd_lightning.cli.predict predict ???\n",
+        "ssd-eval ssd_lightning.cli.eval eval None\n",
+        "ssd-predict ssd_lightning.cli.predict predict None\n",
         "ssd-export ssd_lightning.cli.export export ???\n",
     ]
     # The sweeps' Hydra plugins (hydra/launcher=submitit_slurm, hparams_search=...), found in the wheel.

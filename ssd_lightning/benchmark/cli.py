@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ssd_lightning.benchmark import external
+from ssd_lightning.benchmark import external, formats
 from ssd_lightning.benchmark.environment import device_tag, load_average, machine_info, resolve_device
 from ssd_lightning.benchmark.external import DATA_MODULE, TRAIN_MODULE
 from ssd_lightning.benchmark.report import Result, format_table, write_report
@@ -337,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     everything.add_argument("--skip-data", action="store_true")
     everything.add_argument("--skip-end-to-end", action="store_true")
     everything.add_argument("--timeout", type=float, default=1800.0)
+
+    formats.add_parser(commands, common)  # every deployment format of one checkpoint, in one table
     return parser
 
 
@@ -345,6 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     device = resolve_device(args.device)
+    if args.command == "formats":  # its own table and files (rows of formats, not ours vs torchvision)
+        return formats.run_formats(args, device)
     machine = machine_info(device)
     if args.note:
         machine["note"] = args.note

@@ -1,4 +1,6 @@
 """`python eval.py ckpt_path=... [dataset=...] [split=test|val] [analysis=true]`: VOC07, VOC2010+, COCO mAP.
+`model_path=<exported .onnx|.xml|.engine|.pt> [runtime=auto]` instead of ckpt_path= evaluates the exported
+model on its runtime (`cli/deploy.py`), with the same data, metrics and files.
 
 Prints the three mAPs and a per-class table and writes them as JSON. The network, its input size and
 normalisation come from the checkpoint, so `model=` need not be repeated. `analysis=true` adds the false
@@ -16,12 +18,8 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from ssd_lightning.cli.build import (
-    build_trainer,
-    instantiate_datamodule,
-    instantiate_loggers,
-    load_for_inference,
-)
+from ssd_lightning.cli.build import build_trainer, instantiate_datamodule, instantiate_loggers
+from ssd_lightning.cli.deploy import evaluate_split, load_model, model_name, model_record
 from ssd_lightning.cli.preflight import check_accelerator, user_errors_as_messages
 from ssd_lightning.cli.report import report, write_json
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
@@ -59,7 +57,7 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
     check_accelerator(cfg.trainer)
     if cfg.split not in SPLITS:
         raise ValueError(f"split={cfg.split!r}: choose one of {SPLITS}")
-    module, _ = load_for_inference(cfg)
+    module = load_model(cfg, "eval.py")
     # The data is prepared for the checkpoint's network, whatever `model=` says.
     hparams = module.hparams
     datamodule = instantiate_datamodule(cfg, module.image_size, hparams.pixel_mean, hparams.pixel_std)
@@ -72,10 +70,9 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
         evaluator.analysis_score_threshold = float(cfg.analysis_score_threshold)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = build_trainer(cfg.trainer, callbacks=[], loggers=loggers)
-    run = trainer.validate if cfg.split == "val" else trainer.test
-    run(module, datamodule=datamodule, verbose=False)
+    evaluate_split(trainer, module, datamodule, cfg.split)
     result = module.last_evaluation
-    report(result.format(f"{cfg.ckpt_path} on {cfg.dataset.name} {cfg.split}:"))
+    report(result.format(f"{model_name(cfg)} on {cfg.dataset.name} {cfg.split}:"))
     if result.analysis is not None:
         report(result.analysis.format())
         title = f"{cfg.dataset.name} {cfg.split}"
@@ -89,7 +86,7 @@ def evaluate(cfg: DictConfig) -> EvaluationResult:
         pictures = write_evaluation_outputs(result, cfg.paths.output_dir, f"{cfg.dataset.name} {cfg.split}")
         log_png_files(loggers, pictures)
     report(f"Wrote the confusion matrix and the precision/recall/F1 curves in {cfg.paths.output_dir}")
-    write_json(cfg.output_json, {"checkpoint": str(cfg.ckpt_path), "split": cfg.split, **result.to_dict()})
+    write_json(cfg.output_json, {**model_record(cfg, module), "split": cfg.split, **result.to_dict()})
     report(f"Wrote {cfg.output_json}")
     finish(loggers)
     return result

@@ -1,8 +1,10 @@
 """`python predict.py ckpt_path=... [input=<image or folder>]`: drawn boxes + a COCO results JSON; without
-`input=`, on the test split of the data the checkpoint was trained on."""
+`input=`, on the test split of the data the checkpoint was trained on. A video file, a camera index or a
+stream URL as `input=`: an annotated video + detections.jsonl (ssd_lightning/cli/predict_video.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 from pathlib import Path
@@ -14,7 +16,9 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from torchvision.io import write_jpeg
 
-from ssd_lightning.cli.build import build_trainer, load_for_inference
+from ssd_lightning.cli.build import build_trainer
+from ssd_lightning.cli.deploy import load_model, predict_batches
+from ssd_lightning.cli.predict_video import checkpoint_step, predict_video, video_job
 from ssd_lightning.cli.preflight import ConfigurationError, check_accelerator, user_errors_as_messages
 from ssd_lightning.cli.report import report
 from ssd_lightning.conf_dir import HYDRA_VERSION_BASE, config_dir
@@ -29,6 +33,8 @@ from ssd_lightning.data import (
     collate_detection,
     decode_rgb,
 )
+from ssd_lightning.metrics.thresholds import BEST_F1, resolve_display_threshold
+from ssd_lightning.training.checkpointing import resolve_checkpoint
 from ssd_lightning.training.module import SSDLitModule
 from ssd_lightning.visualize import draw_detections
 
@@ -112,14 +118,33 @@ def draw(prediction: dict[str, Any], class_names: list[str], display_threshold: 
     )
 
 
+def display_threshold(cfg: DictConfig) -> float:
+    """`display_threshold` as a score: a number, or `best_f1`: the all-class best-F1 threshold that the test
+    pass of the checkpoint's run (or eval.py beside the file) wrote into thresholds.json."""
+    setting = cfg.get("display_threshold", 0.4)
+    if str(setting).strip().lower() != BEST_F1:
+        return float(setting)
+    source = cfg.get("model_path") or resolve_checkpoint(cfg.ckpt_path, f"{cfg.paths.log_dir}/train")
+    threshold = resolve_display_threshold(setting, source)
+    report(f"display_threshold=best_f1: {threshold:.4f}, the best-F1 threshold of {source}'s run")
+    return threshold
+
+
 def predict(cfg: DictConfig) -> Path:
     """Run the predict task of `cfg` (composed from conf/predict.yaml); returns the results JSON path."""
     check_accelerator(cfg.trainer)
-    module, _ = load_for_inference(cfg)
+    video = video_job(cfg)  # a video file, camera or stream input (its options checked before loading)
+    module = load_model(cfg, "predict.py")  # ckpt_path=, or model_path= an exported model (cli/deploy.py)
     hparams = module.hparams
+    threshold = display_threshold(cfg)
     transform = build_eval_transform(
         module.image_size, hparams.pixel_mean, hparams.pixel_std, normalize=False
     )
+    if video is not None:
+        video = dataclasses.replace(video, display_threshold=threshold)
+        exported = not isinstance(module, SSDLitModule)  # model_path=: the runtime's step
+        step = module.predict_step if exported else checkpoint_step(module, cfg.trainer)
+        return predict_video(cfg, video, step, module.class_names, hparams.get("category_ids"), transform)
     if cfg.get("input"):
         dataset = image_dataset(
             cfg.input, module.class_names, transform, bool(cfg.get("skip_bad_images", True))
@@ -131,7 +156,7 @@ def predict(cfg: DictConfig) -> Path:
         dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate_detection
     )
     trainer = build_trainer(cfg.trainer, callbacks=[], loggers=[])
-    predictions = [p for batch in trainer.predict(module, dataloaders=loader) for p in batch]
+    predictions = [p for batch in predict_batches(trainer, module, loader) for p in batch]
     by_id = {record.image_id: record for record in dataset.records}
     records = [by_id[p["image_id"]] for p in predictions]
     for prediction, record, image_id in zip(predictions, records, image_ids(records), strict=True):
@@ -152,7 +177,7 @@ def predict(cfg: DictConfig) -> Path:
         for prediction, record, stem in zip(predictions, records, stems, strict=True):
             # Same name in two subfolders: prefix the position so neither overwrites the other.
             name = stem if stems.count(stem) == 1 else f"{record.image_id:05d}_{stem}"
-            drawn = draw(prediction, module.class_names, cfg.display_threshold)
+            drawn = draw(prediction, module.class_names, threshold)
             write_jpeg(drawn, str(drawn_dir / f"{name}.jpg"))
     report(f"{len(results)} detections on {len(predictions)} images -> {results_path}")
     return results_path

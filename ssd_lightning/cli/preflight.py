@@ -48,6 +48,7 @@ MANDATORY_OPTIONS = {
 # Values a user sets on the command line most, by entry point: (key, kind, example). Checked before anything
 # loads, so that `optimizer.lr=abc` is one line, not a traceback from inside torch.
 _NUMBER, _WHOLE, _WHOLE_OR_AUTO = "a number", "a whole number", "a whole number or auto"
+_NUMBER_OR_BEST_F1 = "a number or best_f1"
 CHECKED_VALUES = {
     "train.py": [
         ("seed", _WHOLE, "seed=42 (or seed=null)"),
@@ -63,7 +64,7 @@ CHECKED_VALUES = {
     ],
     "eval.py": [("analysis_score_threshold", _NUMBER, "analysis_score_threshold=0.4")],
     "predict.py": [
-        ("display_threshold", _NUMBER, "display_threshold=0.4"),
+        ("display_threshold", _NUMBER_OR_BEST_F1, "display_threshold=0.4 (or best_f1)"),
         ("batch_size", _WHOLE, "batch_size=8"),
     ],
     "export.py": [("opset", _WHOLE, "opset=18"), ("batch_size", _WHOLE, "batch_size=1 (or null)")],
@@ -77,6 +78,8 @@ def _is_kind(value: Any, kind: str) -> bool:
         return False
     if kind == _WHOLE_OR_AUTO:
         return value == "auto" or isinstance(value, int)
+    if kind == _NUMBER_OR_BEST_F1:
+        return value == "best_f1" or isinstance(value, (int, float))
     return isinstance(value, int) if kind == _WHOLE else isinstance(value, (int, float))
 
 

@@ -74,8 +74,6 @@ def continued_run(entry: Mapping[str, Any], resumed: str | None) -> dict[str, An
     return {}
 
 
-
-
 def log_picture(loggers: Sequence[Logger], key: str, picture: np.ndarray) -> None:
     """An HxWx3 picture in each W&B run (`key`, e.g. test/detections)."""
     for logger in wandb_loggers(loggers):

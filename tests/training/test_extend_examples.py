@@ -110,9 +110,10 @@ def test_the_extend_it_examples_run_outside_the_repository_on_the_installed_whee
     assert len(runs) == 3
     backbone_run, augmentation_run, all_three = (torch.load(p, weights_only=True) for p in runs)
     assert backbone_run["hyper_parameters"]["net"]["backbone"]["_target_"] == "my_ssd.backbone.TinyBackbone"
-    assert "backbone" not in augmentation_run["hyper_parameters"]["net"] or not augmentation_run[
-        "hyper_parameters"
-    ]["net"]["backbone"]
+    assert (
+        "backbone" not in augmentation_run["hyper_parameters"]["net"]
+        or not augmentation_run["hyper_parameters"]["net"]["backbone"]
+    )
     data = all_three["datamodule_hyper_parameters"]
     assert data["source"]["_target_"] == "my_ssd.csv_boxes.CSVBoxes"
     assert data["augmentation"]["_target_"] == "my_ssd.augmentation.BlurFlipResize"

@@ -11,6 +11,7 @@ import pytest
 import torch
 from training_helpers import compose_config
 
+import ssd_lightning.cli.deploy as deploy_cli
 import ssd_lightning.cli.predict as predict_cli
 from ssd_lightning.cli.predict import coco_results
 from ssd_lightning.training.module import SSDLitModule
@@ -34,15 +35,9 @@ def test_coco_results_are_xywh_pixels_with_the_dataset_category_ids() -> None:
                          "labels": torch.zeros(0, dtype=torch.int64)}, None) == []  # fmt: skip
 
 
-def test_predict_writes_and_draws_a_known_detection_at_its_pixels(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    # A 80x60 grey photo named like a COCO file (its id is 139) and a model whose detections are known:
-    # one at [0.25, 0.25, 0.75, 0.75] of the image (dog, 0.9), one at [0.05, 0.8, 0.2, 0.95] scoring below
-    # the display threshold (bird, 0.2).
-    images = tmp_path / "images"
-    images.mkdir()
-    assert cv2.imwrite(str(images / "000000000139.png"), np.full((60, 80, 3), 128, np.uint8))
+def _known_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose detections are known, loaded for any ckpt_path: one at [0.25, 0.25, 0.75, 0.75] of the
+    image (dog, 0.9), one at [0.05, 0.8, 0.2, 0.95] (bird, 0.2)."""
     module = SSDLitModule(
         class_names=["cat", "dog", "bird"],
         net={"arch": "compact", "size": 64, "width": 8},
@@ -58,16 +53,36 @@ def test_predict_writes_and_draws_a_known_detection_at_its_pixels(
         }
         for _ in range(len(loc))
     ]
-    monkeypatch.setattr(predict_cli, "load_for_inference", lambda cfg: (module, Path(cfg.ckpt_path)))
+    monkeypatch.setattr(deploy_cli, "load_for_inference", lambda cfg: (module, Path(cfg.ckpt_path)))
+
+
+def _grey_photo(folder: Path) -> Path:
+    folder.mkdir()
+    assert cv2.imwrite(str(folder / "000000000139.png"), np.full((60, 80, 3), 128, np.uint8))
+    return folder
+
+
+def _predict(tmp_path: Path, *overrides: str) -> Path:
     output = tmp_path / "predict"
-    output.mkdir()  # Hydra's run folder
+    output.mkdir(parents=True)  # Hydra's run folder
     cfg = compose_config(
         "predict",
-        ["ckpt_path=model.ckpt", f"input={images}", "trainer.accelerator=cpu",
-         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
+        [*overrides, "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+         "trainer.enable_model_summary=false"],
         output,
     )  # fmt: skip
-    results_path = predict_cli.predict(cfg)
+    return predict_cli.predict(cfg)
+
+
+def test_predict_writes_and_draws_a_known_detection_at_its_pixels(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A 80x60 grey photo named like a COCO file (its id is 139); the bird scores below the display threshold.
+    _known_model(monkeypatch)
+    _grey_photo(tmp_path / "images")
+    images = tmp_path / "images"
+    output = tmp_path / "predict"
+    results_path = _predict(tmp_path, "ckpt_path=model.ckpt", f"input={images}")
 
     results = json.loads(results_path.read_text())
     identity = [(r["image_id"], r["category_id"], r["score"]) for r in results]
@@ -89,3 +104,24 @@ def test_predict_writes_and_draws_a_known_detection_at_its_pixels(
     outside = np.ones_like(changed)
     outside[12:49, 17:64] = False
     assert not changed[32:42, 26:54].any() and not changed[outside].any()
+
+
+def test_display_threshold_best_f1_is_the_threshold_the_checkpoints_run_measured(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _known_model(monkeypatch)
+    images = _grey_photo(tmp_path / "images")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    checkpoint.write_bytes(b"")  # loaded by the stand-in above
+    common = [f"ckpt_path={checkpoint}", f"input={images}", "display_threshold=best_f1"]
+    with pytest.raises(FileNotFoundError, match="no thresholds.json in the run folder"):
+        _predict(tmp_path / "without", *common)
+    # The run's best-F1 threshold is 0.1: the bird (0.2) is drawn too, below the default 0.4.
+    best = {"threshold": 0.1, "f1": 0.5, "true_positives": 1, "detections": 2}
+    (run / "thresholds.json").write_text(json.dumps({"all_classes": {"best": best}, "per_class": {}}))
+    _predict(tmp_path, *common)
+    drawn = cv2.imread(str(tmp_path / "predict" / "images" / "000000000139.jpg")).astype(int)
+    changed = np.abs(drawn - 128).sum(axis=-1) > 60
+    assert changed[47:58, 3:17].any()  # the bird's box: x 4..16, y 48..57

@@ -20,7 +20,7 @@ from training_helpers import compose_config
         (
             "predict",
             "display_threshold=abc",
-            "display_threshold=abc is not a number: e.g. display_threshold=0.4",
+            "display_threshold=abc is not a number or best_f1: e.g. display_threshold=0.4 (or best_f1)",
         ),
         ("eval", "analysis_score_threshold=x", "analysis_score_threshold=x is not a number"),
         ("train", "monitor=val/mAP", "monitor=val/mAP is not a metric this run logs; did you mean val/map"),

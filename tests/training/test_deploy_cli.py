@@ -62,6 +62,7 @@ def test_openvino_int8_export_predict_and_eval_from_the_command_line(
     xml = exported / "model_int8.xml"
     assert xml.is_file() and xml.with_suffix(".bin").is_file()
     assert "INT8 calibration on 16 images of voc shapes/train" in stdout and f"model_path={xml}" in stdout
+    assert "INT8 quantiser: nncf (int8_quantizer=auto)" in stdout  # OpenVINO's own, installed with [dev]
 
     predicted = tmp_path / "predict"
     stdout = check_ok(

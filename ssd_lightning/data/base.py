@@ -429,6 +429,11 @@ class DetectionDataset(Dataset):
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under `folder` (recursively, by suffix), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 class ImageFolderDataset(DetectionDataset):
     """Every image under ``root`` (recursively, sorted), without annotations: for prediction.
 
@@ -450,7 +455,7 @@ class ImageFolderDataset(DetectionDataset):
         name = f"images in {root}"
         if not root.is_dir():
             raise DatasetError(name, [Problem(str(root), "folder does not exist")])
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        paths = image_files(root)
         if not paths:
             raise DatasetError(name, [Problem(str(root), f"holds no images ({', '.join(IMAGE_SUFFIXES)})")])
         records = [

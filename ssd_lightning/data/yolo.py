@@ -25,13 +25,13 @@ from .base import (
     ImageRecord,
     Problem,
     Transform,
+    image_files,
     map_in_threads,
     read_image_size,
 )
 
 log = logging.getLogger("ssd_lightning.data")
 
-IMAGE_SUFFIXES = frozenset({".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"})
 _CONFIG_NAMES = ("data.yaml", "data.yml", "dataset.yaml")
 
 
@@ -115,7 +115,7 @@ def split_images(entry: Any, root: Path, config: Path) -> tuple[list[Path], list
         where = Path(str(item))
         where = where if where.is_absolute() else root / where
         if where.is_dir():
-            images += sorted(p for p in where.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            images += image_files(where)
         elif where.suffix == ".txt" and where.is_file():
             for line in where.read_text(encoding="utf-8").splitlines():
                 line = line.strip()
@@ -135,18 +135,14 @@ def split_images(entry: Any, root: Path, config: Path) -> tuple[list[Path], list
 
 def _parse_label_file(path: Path, num_names: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Problem]]:
     """(fraction boxes xyxy [N,4] float64, class indices [N], line numbers [N], problems) of one file."""
+    boxes, classes, lines, problems = [], [], [], []
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return np.zeros((0, 4)), np.zeros(0, np.int64), np.zeros(0, np.int64), []
+        text = ""  # no label file: a background image
     except (OSError, UnicodeDecodeError) as error:
-        return (
-            np.zeros((0, 4)),
-            np.zeros(0, np.int64),
-            np.zeros(0, np.int64),
-            [Problem(str(path), f"unreadable ({error})")],
-        )
-    boxes, classes, lines, problems = [], [], [], []
+        text = ""
+        problems.append(Problem(str(path), f"unreadable ({error})"))
     seen: dict[tuple, int] = {}
     tolerance = BOX_TOLERANCE_FRACTION
     for number, line in enumerate(text.splitlines(), start=1):
@@ -190,9 +186,8 @@ def _parse_label_file(path: Path, num_names: int) -> tuple[np.ndarray, np.ndarra
             xs, ys = coords[0::2], coords[1::2]
             box = (xs.min(), ys.min(), xs.max(), ys.max())
         key = (index, *box)
-        if (
-            key in seen
-        ):  # Ultralytics drops repeated lines too; counted twice they would bias training and mAP
+        # Ultralytics drops repeated lines too; counted twice they would bias training and mAP
+        if key in seen:
             problems.append(Problem(str(path), f"line {number} repeats line {seen[key]}; dropped", "warning"))
             continue
         seen[key] = number

@@ -18,7 +18,9 @@ from typing import Any, ClassVar
 
 import cv2
 import numpy as np
+import torch
 
+from ssd_lightning.data.transforms import normalize_images
 from ssd_lightning.postprocess import DetectionConfig
 
 #: One image's detections: boxes [K,4] float32 xyxy, scores [K] float32 (best first), labels [K] int64
@@ -124,10 +126,9 @@ def resize_images(images: Sequence[np.ndarray], size: int) -> np.ndarray:
 
 
 def normalise(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 [B,S,S,3] -> float32 [B,3,S,S] `(pixel - mean) * (1 / std)`, as `normalize_images` does."""
-    mean_a = np.asarray(mean, np.float32).reshape(1, 3, 1, 1)
-    inv_std = np.reciprocal(np.asarray(std, np.float32)).reshape(1, 3, 1, 1)
-    return (pixels.transpose(0, 3, 1, 2).astype(np.float32) - mean_a) * inv_std
+    """uint8 [B,S,S,3] -> float32 [B,3,S,S] for a float-input file: the training path's `normalize_images`."""
+    channels_first = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    return normalize_images(channels_first, mean, std).contiguous().numpy()
 
 
 def unpad(boxes: Any, scores: Any, labels: Any, num_detections: Any) -> list[Detections]:

@@ -45,12 +45,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from ssd_lightning.metrics.voc import (
-    _average_precision,
-    _best_ground_truth,
-    _blocks,
-    _mark_true_positives,
-)
+from ssd_lightning.metrics.voc import _average_precision, _blocks, match_detections
 from ssd_lightning.threads import one_thread
 
 __all__ = ["ERRORS", "OUTCOMES", "Breakdown", "ErrorAnalysis", "PRCurve", "analyze_errors", "plot_pr_curves"]
@@ -247,8 +242,14 @@ def _analyze(
     all_labels = torch.cat([labels, gt_labels])
     if len(all_labels) and not 1 <= int(all_labels.min()) <= int(all_labels.max()) <= len(class_names):
         raise ValueError(f"analyze_errors: labels must lie in 1..{len(class_names)} (one per class name)")
-    same_iou, best_gt = _best_ground_truth(det[:, :4], labels, gt[:, :4], gt_labels, counts)
-    is_tp, ignored, order = _mark_true_positives(scores, labels, same_iou, best_gt, difficult, iou_threshold)
+    matching = match_detections(det, gt, counts, iou_threshold)
+    same_iou, best_gt, is_tp, ignored, order = (
+        matching.best_iou,
+        matching.best_gt,
+        matching.is_tp,
+        matching.ignored,
+        matching.order,
+    )
     other_iou = _best_other_class_iou(det[:, :4], labels, gt[:, :4], gt_labels, counts)
     # Later assignments win: this is the precedence, lowest first.
     outcome = torch.full((len(det),), _BACKGROUND, dtype=torch.long)

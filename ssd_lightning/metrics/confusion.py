@@ -6,7 +6,7 @@ Rows are the ground truth, columns the prediction, the classes in label order an
 
 * a detection scoring >= ``score_threshold`` that is a true positive of the metric's matching (IoU >=
   ``iou_threshold`` with an object of its class that no higher-scoring detection claimed; see
-  :func:`~ssd_lightning.metrics.thresholds.match_detections`) counts on the diagonal, so the diagonal at a
+  :func:`~ssd_lightning.metrics.voc.match_detections`) counts on the diagonal, so the diagonal at a
   threshold is the true positives of :mod:`ssd_lightning.metrics.thresholds` at that threshold, a class's row
   sums to its objects, its column to its detections;
 * the remaining detections and objects of an image are paired across classes, one to one, greedily by
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from ssd_lightning.metrics.thresholds import Matching, match_detections
+from ssd_lightning.metrics.voc import Matching, match_detections
 from ssd_lightning.threads import one_thread
 
 __all__ = ["BACKGROUND", "ConfusionMatrix", "confusion_matrix"]

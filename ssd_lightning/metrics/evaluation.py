@@ -14,7 +14,8 @@ from torchmetrics.detection import MeanAveragePrecision
 from ssd_lightning.metrics import VOCMeanAveragePrecision
 from ssd_lightning.metrics.analysis import ErrorAnalysis, analyze_errors
 from ssd_lightning.metrics.confusion import ConfusionMatrix, confusion_matrix
-from ssd_lightning.metrics.thresholds import ThresholdCurves, match_detections, threshold_curves
+from ssd_lightning.metrics.thresholds import ThresholdCurves, threshold_curves
+from ssd_lightning.metrics.voc import match_detections
 from ssd_lightning.visualize import DISPLAY_THRESHOLD
 
 # COCO's protocol scores at most 100 detections per image; passing more only makes torchmetrics warn.

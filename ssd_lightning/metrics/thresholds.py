@@ -33,18 +33,16 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from ssd_lightning.metrics.voc import _best_ground_truth, _mark_true_positives
+from ssd_lightning.metrics.voc import Matching, match_detections
 from ssd_lightning.threads import one_thread
 
 __all__ = [
     "BEST_F1",
     "THRESHOLDS_FILE",
     "BestF1",
-    "Matching",
     "ScoreCurve",
     "ThresholdCurves",
     "best_f1_threshold",
-    "match_detections",
     "resolve_display_threshold",
     "threshold_curves",
 ]
@@ -55,28 +53,6 @@ THRESHOLDS_FILE = "thresholds.json"
 BEST_F1 = "best_f1"
 #: thresholds the curves are sampled at, 0 to 1 by 0.01
 GRID = np.round(np.linspace(0.0, 1.0, 101), 2)
-
-
-@dataclass(frozen=True)
-class Matching:
-    """The VOC matching of an evaluation's detections (rows of ``accumulated()``), per detection."""
-
-    is_tp: Tensor  # bool [D]
-    ignored: Tensor  # bool [D]: hit a difficult/crowd object (counted nowhere)
-    best_gt: Tensor  # int64 [D]: global index of the object a true positive claims
-
-
-def match_detections(
-    detections: Tensor, ground_truth: Tensor, image_counts: Tensor, iou_threshold: float = 0.5
-) -> Matching:
-    """The metric's matching (:class:`~ssd_lightning.metrics.VOCMeanAveragePrecision`) of `detections` [D, 6]
-    with `ground_truth` [G, 6] in images of `image_counts` [I, 2], as ``accumulated()`` gives them."""
-    labels, gt_labels = detections[:, 5].long(), ground_truth[:, 4].long()
-    iou, best_gt = _best_ground_truth(detections[:, :4], labels, ground_truth[:, :4], gt_labels, image_counts)
-    is_tp, ignored, _ = _mark_true_positives(
-        detections[:, 4], labels, iou, best_gt, ground_truth[:, 5] > 0, iou_threshold
-    )
-    return Matching(is_tp, ignored, best_gt)
 
 
 @dataclass(frozen=True)

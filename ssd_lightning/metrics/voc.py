@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
@@ -284,18 +285,43 @@ def _rows(state: list[Tensor] | Tensor, fields: int) -> Tensor:
     return dim_zero_cat(state).detach().cpu().reshape(-1, fields)
 
 
+@dataclass(frozen=True)
+class Matching:
+    """The VOC matching of an evaluation's detections (rows of ``accumulated()``), per detection."""
+
+    best_iou: Tensor  # float [D]: IoU with the best object of the detection's class in its image
+    best_gt: Tensor  # int64 [D]: global index of that object (the one a true positive claims)
+    is_tp: Tensor  # bool [D]
+    ignored: Tensor  # bool [D]: hit a difficult/crowd object (counted nowhere)
+    order: Tensor  # int64 [D]: evaluation order (by label, then score descending, ties in input order)
+
+
+def match_detections(
+    detections: Tensor, ground_truth: Tensor, image_counts: Tensor, iou_threshold: float = 0.5
+) -> Matching:
+    """The metric's matching of `detections` [D, 6] with `ground_truth` [G, 6] in images of `image_counts`
+    [I, 2], as ``accumulated()`` gives them: what the AP, the error analysis, the F1 curves and the confusion
+    matrix all count."""
+    labels, gt_labels = detections[:, 5].long(), ground_truth[:, 4].long()
+    best_iou, best_gt = _best_ground_truth(
+        detections[:, :4], labels, ground_truth[:, :4], gt_labels, image_counts
+    )
+    is_tp, ignored, order = _mark_true_positives(
+        detections[:, 4], labels, best_iou, best_gt, ground_truth[:, 5] > 0, iou_threshold
+    )
+    return Matching(best_iou, best_gt, is_tp, ignored, order)
+
+
 def _evaluate(det: Tensor, gt: Tensor, counts: Tensor, iou_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
     """(11-point AP, area AP, label) per class having a non-difficult GT, from the stored rows."""
     det_labels = det[:, 5].long()
     gt_labels = gt[:, 4].long()
     gt_difficult = gt[:, 5] > 0
-    best_iou, best_gt = _best_ground_truth(det[:, :4], det_labels, gt[:, :4], gt_labels, counts)
-    is_tp, ignored, order = _mark_true_positives(
-        det[:, 4], det_labels, best_iou, best_gt, gt_difficult, iou_threshold
-    )
-    kept = order[~ignored[order]]  # ignored detections move neither precision nor recall
+    matching = match_detections(det, gt, counts, iou_threshold)
+    order = matching.order
+    kept = order[~matching.ignored[order]]  # ignored detections move neither precision nor recall
     sorted_labels = det_labels[kept]
-    sorted_tp = is_tp[kept]
+    sorted_tp = matching.is_tp[kept]
 
     num_positives = torch.bincount(gt_labels[~gt_difficult], minlength=1)
     classes = torch.nonzero(num_positives).flatten()

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Subset
 from ssd_lightning.benchmark.environment import device_tag, load_average, machine_info
 from ssd_lightning.benchmark.reference import REFERENCE_IMAGE_SIZES, TorchvisionSSD
 from ssd_lightning.benchmark.suites import calibrate_batch_norm
+from ssd_lightning.benchmark.timing import interleaved_samples
 from ssd_lightning.boxes import cxcywh_to_xyxy
 from ssd_lightning.checkpoint_files import load_checkpoint
 from ssd_lightning.data import build_eval_transform, collate_detection, decode_rgb
@@ -162,29 +163,6 @@ def torchvision_twin(module: SSDLitModule) -> tuple[TorchvisionSSD | None, str]:
     if note.startswith("random") or not same_boxes:
         note += "; its default boxes are not our priors: mAP not comparable" if not same_boxes else ""
     return reference, note
-
-
-def _samples(
-    functions: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device
-) -> dict:
-    """Seconds per call of each function: `warmup` untimed calls, then `repeats` rounds in which every
-    function runs once, in an order that rotates (a busy machine slows all alike)."""
-    names = list(functions)
-    for name in names:
-        for _ in range(warmup):
-            functions[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(repeats):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            functions[name]()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            samples[name].append(time.perf_counter() - start)
-    return samples
 
 
 def _ms(samples: Sequence[float], quantile: float = 50.0) -> float:
@@ -336,20 +314,22 @@ def measure_rows(
     """Batch-1 latency (end to end, and its parts) and throughput of every row, into `row.figures`."""
     size = rows[0].detector.image_size
     prepared = {row.name: row.detector.prepare(resize_images([image], size)) for row in rows}
-    end_to_end = _samples({r.name: (lambda r=r: r.detector([image])) for r in rows}, warmup, repeats, device)
-    pre = _samples(
+    end_to_end = interleaved_samples(
+        {r.name: (lambda r=r: r.detector([image])) for r in rows}, device, warmup, repeats
+    )
+    pre = interleaved_samples(
         {r.name: (lambda r=r: r.detector.prepare(resize_images([image], size))) for r in rows},
+        device,
         warmup,
         repeats,
-        device,
     )
-    graph = _samples(
-        {r.name: (lambda r=r: r.detector.run(prepared[r.name])) for r in rows}, warmup, repeats, device
+    graph = interleaved_samples(
+        {r.name: (lambda r=r: r.detector.run(prepared[r.name])) for r in rows}, device, warmup, repeats
     )
     networks = {r.name: (lambda r=r: r.network(prepared[r.name])) for r in rows if r.network is not None}
-    network = _samples(networks, warmup, repeats, device)
-    batch = _samples(
-        {r.name: (lambda r=r: r.detector(batch_images)) for r in rows}, 1, throughput_repeats, device
+    network = interleaved_samples(networks, device, warmup, repeats)
+    batch = interleaved_samples(
+        {r.name: (lambda r=r: r.detector(batch_images)) for r in rows}, device, 1, throughput_repeats
     )
     for row in rows:
         name = row.name

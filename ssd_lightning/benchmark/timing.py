@@ -72,18 +72,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(
+def interleaved_samples(
     functions: Mapping[str, Callable[[], object]],
     device: torch.device,
     warmup: int = 3,
     repeats: int = 10,
     number: int = 1,
-) -> dict[str, Stats]:
-    """Time each callable: `warmup` untimed calls each, then `repeats` samples of `number` calls.
-
-    Samples are interleaved and the order rotates every repeat (A B, B A, ...), so slow phases of a busy
-    machine are shared. Returns seconds per call for each name.
-    """
+) -> dict[str, list[float]]:
+    """Seconds per call of each callable: `warmup` untimed calls each, then `repeats` samples of `number`
+    calls. Samples are interleaved and the order rotates every repeat (A B, B A, ...), so slow phases of a
+    busy machine are shared."""
     if repeats < 1 or number < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1, number >= 1, warmup >= 0; got {repeats}, {number}, {warmup}")
     names = list(functions)
@@ -102,4 +100,16 @@ def measure(
                 function()
             synchronize(device)
             samples[name].append((time.perf_counter() - start) / number)
-    return {name: summarise(samples[name], number, warmup) for name in names}
+    return samples
+
+
+def measure(
+    functions: Mapping[str, Callable[[], object]],
+    device: torch.device,
+    warmup: int = 3,
+    repeats: int = 10,
+    number: int = 1,
+) -> dict[str, Stats]:
+    """`interleaved_samples` summarised: median and spread of the seconds per call of each name."""
+    samples = interleaved_samples(functions, device, warmup, repeats, number)
+    return {name: summarise(samples[name], number, warmup) for name in functions}
